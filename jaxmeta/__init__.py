@@ -1,0 +1,38 @@
+"""jaxmeta: gradient-based meta-learning in JAX.
+
+Pure functions composed from one inner loop (:func:`inner_adapt`): MAML with
+the exact second-order meta-gradient, first-order MAML, Reptile, and the
+pre-training baseline, each an optax-style ``(init, step)`` pair.
+"""
+
+from jaxmeta.algorithms import MetaLearner
+from jaxmeta.algorithms import MetaState
+from jaxmeta.algorithms import fomaml
+from jaxmeta.algorithms import maml
+from jaxmeta.algorithms import maml_loss
+from jaxmeta.algorithms import maml_objective
+from jaxmeta.algorithms import pretrain
+from jaxmeta.algorithms import reptile
+from jaxmeta.evaluation import EvalResult
+from jaxmeta.evaluation import evaluate
+from jaxmeta.inner import adapt_and_observe
+from jaxmeta.inner import inner_adapt
+from jaxmeta.types import Task
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EvalResult",
+    "MetaLearner",
+    "MetaState",
+    "Task",
+    "adapt_and_observe",
+    "evaluate",
+    "fomaml",
+    "inner_adapt",
+    "maml",
+    "maml_loss",
+    "maml_objective",
+    "pretrain",
+    "reptile",
+]

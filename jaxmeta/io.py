@@ -1,0 +1,63 @@
+"""Atomic file writes: a run directory is never left half-written."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any
+
+import numpy as np
+
+
+def _default(obj: Any):
+    if isinstance(obj, (np.generic,)):
+        return obj.item()
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Writes ``data`` to ``path`` through a temporary file and a rename."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Writes ``text`` (UTF-8) to ``path`` atomically."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def to_json(obj: Any, **kwargs) -> str:
+    """``json.dumps`` that also accepts numpy and JAX scalars and arrays."""
+    return json.dumps(obj, default=_default, **kwargs)
+
+
+def write_json(path: str, obj: Any) -> None:
+    """Writes ``obj`` as indented JSON to ``path`` atomically."""
+    atomic_write_text(path, to_json(obj, indent=2, sort_keys=False) + "\n")
+
+
+def write_jsonl(path: str, rows: list[dict]) -> None:
+    """Writes ``rows`` as JSON lines to ``path`` atomically."""
+    atomic_write_text(path, "".join(to_json(r) + "\n" for r in rows))
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """Reads JSON lines (an absent file reads as no rows)."""
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]

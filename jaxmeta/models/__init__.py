@@ -1,0 +1,38 @@
+"""Models: Flax modules and the loss functions the algorithms consume."""
+
+from __future__ import annotations
+
+from jaxmeta.models.conv4 import (
+    CONV_IMPLS,
+    BatchNorm,
+    Conv3x3,
+    Conv4,
+    conv2d_native,
+    conv2d_patches,
+    conv4_miniimagenet,
+    conv4_omniglot,
+    max_pool_2x2_native,
+    max_pool_2x2_reshape,
+    resolve_conv_impl,
+    same_padding,
+)
+from jaxmeta.models.losses import classification_loss, regression_loss
+from jaxmeta.models.mlp import MLP
+
+__all__ = [
+    "CONV_IMPLS",
+    "MLP",
+    "BatchNorm",
+    "Conv3x3",
+    "Conv4",
+    "classification_loss",
+    "conv2d_native",
+    "conv2d_patches",
+    "conv4_miniimagenet",
+    "conv4_omniglot",
+    "max_pool_2x2_native",
+    "max_pool_2x2_reshape",
+    "regression_loss",
+    "resolve_conv_impl",
+    "same_padding",
+]
