@@ -13,7 +13,6 @@ after every inner step.  Writes ``DIR/results.json``, ``DIR/toy_fit.png``,
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from typing import Sequence
 
@@ -105,9 +104,9 @@ def train_algorithm(
         meta_steps=config.meta_steps,
         reptile_epsilon=config.reptile_epsilon,
     )
-    sample = functools.partial(
-        sinusoid.sample_tasks, batch_size=config.meta_batch, shots=config.shots, queries=config.shots
-    )
+    def sample(key, _data):
+        return sinusoid.sample_tasks(key, batch_size=config.meta_batch, shots=config.shots, queries=config.shots)
+
     result = train(
         learner,
         params,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -67,7 +67,7 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
-def guarded_step(learner: MetaLearner, sample_tasks: Callable[[PRNGKey], Task]):
+def guarded_step(learner: MetaLearner, sample_tasks: Callable[[PRNGKey, Any], Task], data: Any = None):
     """One meta-iteration that skips (and counts) non-finite updates.
 
     A step whose meta-loss or new state is not finite leaves the meta-state
@@ -76,7 +76,7 @@ def guarded_step(learner: MetaLearner, sample_tasks: Callable[[PRNGKey], Task]):
 
     def step(state: TrainState, _=None):
         key, sub = jax.random.split(state.key)
-        new_meta, metrics = learner.step(state.meta, sample_tasks(sub))
+        new_meta, metrics = learner.step(state.meta, sample_tasks(sub, data))
         ok = jnp.isfinite(metrics["loss"]) & _all_finite(new_meta)
         meta = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_meta, state.meta)
         bad = jnp.logical_not(ok).astype(jnp.int32)
@@ -92,14 +92,17 @@ def guarded_step(learner: MetaLearner, sample_tasks: Callable[[PRNGKey], Task]):
     return step
 
 
-def make_train_chunk(learner: MetaLearner, sample_tasks: Callable[[PRNGKey], Task]):
-    """``run(state, n) -> (state, metrics stacked over n steps)``, compiled per ``n``."""
-    step = guarded_step(learner, sample_tasks)
+def make_train_chunk(learner: MetaLearner, sample_tasks: Callable[[PRNGKey, Any], Task]):
+    """``run(state, data, n) -> (state, metrics stacked over n steps)``, compiled per ``n``.
 
-    def run(state: TrainState, n: int):
-        return jax.lax.scan(step, state, None, length=n)
+    ``data`` (e.g. the training images on the device) is an argument of the
+    compiled program rather than a constant baked into it.
+    """
 
-    return jax.jit(run, static_argnums=1)
+    def run(state: TrainState, data: Any, n: int):
+        return jax.lax.scan(guarded_step(learner, sample_tasks, data), state, None, length=n)
+
+    return jax.jit(run, static_argnums=2)
 
 
 def summarize_chunk(metrics: dict[str, np.ndarray]) -> dict[str, float]:
@@ -115,21 +118,22 @@ def summarize_chunk(metrics: dict[str, np.ndarray]) -> dict[str, float]:
     return out
 
 
-def _diverged_message(first_step: int, streak: int, ckpt_step: int | None) -> str:
+def _diverged_message(first: int, last: int, limit: int, ckpt_step: int | None) -> str:
     kept = f"the last good checkpoint (step {ckpt_step}) is kept" if ckpt_step is not None else "no checkpoint was written"
     return (
-        f"training stopped at meta-step {first_step}: {streak} consecutive meta-steps gave a "
-        f"non-finite loss or update; {kept}"
+        f"training stopped: meta-steps {first}..{last} all gave a non-finite loss or update "
+        f"(limit: {limit} consecutive); {kept}"
     )
 
 
 def train(
     learner: MetaLearner,
     params: Params,
-    sample_tasks: Callable[[PRNGKey], Task],
+    sample_tasks: Callable[[PRNGKey, Any], Task],
     *,
     key: PRNGKey,
     meta_steps: int,
+    data: Any = None,
     log_every: int = 100,
     validate: Callable[[Params], dict[str, float]] | None = None,
     validate_every: int | None = None,
@@ -147,10 +151,12 @@ def train(
     Args:
       learner: a :class:`~jaxmeta.MetaLearner` (``maml``, ``reptile``, ...).
       params: initial parameters (ignored when resuming from a checkpoint).
-      sample_tasks: ``sample_tasks(key) -> Task`` batch; traced into the
-        compiled loop, so it must be a pure JAX function.
+      sample_tasks: ``sample_tasks(key, data) -> Task`` batch; traced into
+        the compiled loop, so it must be a pure JAX function.
       key: PRNG key of the task sampler.
       meta_steps: total meta-iterations (when resuming: in total, not more).
+      data: a pytree of arrays handed to ``sample_tasks`` (e.g. the images of
+        the training split, on the device).
       log_every: meta-steps per compiled dispatch and per logged line.
       validate: ``validate(params) -> {name: value}``, logged with a ``val/`` prefix.
       validate_every: validation period in meta-steps (rounded up to a
@@ -208,13 +214,13 @@ def train(
         while int(state.step) < meta_steps:
             step = int(state.step)
             n = min(log_every - step % log_every, meta_steps - step)
-            state, metrics = run_chunk(state, n)
+            state, metrics = run_chunk(state, data, n)
             metrics = jax.device_get(metrics)
             step = int(state.step)
             row = {"step": step, **{f"train/{k}": v for k, v in summarize_chunk(metrics).items()}}
             if int(state.bad_streak) >= max_bad_steps:
                 first_bad = step - int(state.bad_streak) + 1
-                raise TrainingDiverged(_diverged_message(first_bad, int(state.bad_streak), last_ckpt))
+                raise TrainingDiverged(_diverged_message(first_bad, step, max_bad_steps, last_ckpt))
             final = step >= meta_steps
             if validate is not None and (final or (validate_every and step % validate_every == 0)):
                 row.update({f"val/{k}": float(v) for k, v in validate(state.meta.params).items()})

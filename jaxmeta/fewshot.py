@@ -1,0 +1,437 @@
+"""N-way K-shot image classification: one pipeline for Omniglot and Mini-ImageNet.
+
+The experiments ``python -m experiments.omniglot`` and
+``python -m experiments.miniimagenet`` are thin launchers over this module:
+they differ only in their data set (:data:`DATASETS`) and presets.  It
+provides ``train`` (meta-training with validation, checkpoints, metrics, a
+curve and a final test evaluation), ``evaluate`` (600 fixed test tasks) and
+``episode`` (adapt the meta-learned initialisation to a user's own folders of
+images).
+
+Batch norm always uses the statistics of the batch it sees (the reference
+MAML implementation's *transductive* setting): the support set during
+adaptation, the whole query set when scoring.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxmeta import checkpoint as ckpt
+from jaxmeta.algorithms.registry import ALGORITHMS, make_learner
+from jaxmeta.data import episodes
+from jaxmeta.errors import CheckpointError, ConfigError, DataError
+from jaxmeta.evaluation import evaluate as evaluate_tasks
+from jaxmeta.inner import adapt_and_observe
+from jaxmeta.io import atomic_write_bytes, read_jsonl, write_json
+from jaxmeta.models import classification_loss, conv4_miniimagenet, conv4_omniglot
+from jaxmeta.training import METRICS_FILE, init_train_state, train
+
+CONFIG_FILE = "config.json"
+EVAL_FILE = "eval.json"
+TEST_SEED = 2017  # the fixed test tasks: the same 600 tasks for every run and method
+VAL_SEED = 1234
+
+
+class Dataset(NamedTuple):
+    """What differs between image data sets.
+
+    Attributes:
+      load: ``load(config) -> (train, val | None, test)`` arrays
+        ``[classes, examples, H, W, C]`` (float in [0, 1] or uint8).
+      model: ``model(ways, conv_impl) -> flax module``.
+      preprocess: PIL image → one example ``[H, W, C]`` (for user episodes).
+      normalize: applied on device to sampled images (``None``: use as is).
+    """
+
+    load: Callable
+    model: Callable
+    preprocess: Callable
+    normalize: Callable | None
+
+
+def _load_omniglot(config: FewShotConfig):
+    from jaxmeta.data import omniglot
+
+    return omniglot.load(config.split, data_dir=config.data_dir, cache_dir=config.cache_dir)
+
+
+def _load_miniimagenet(config: FewShotConfig):
+    from jaxmeta.data import miniimagenet
+
+    return miniimagenet.load(data_dir=config.data_dir, cache_dir=config.cache_dir)
+
+
+def _omniglot_preprocess(img):
+    from jaxmeta.data import omniglot
+
+    return omniglot.preprocess_image(img)
+
+
+def _miniimagenet_preprocess(img):
+    from jaxmeta.data import miniimagenet
+
+    return miniimagenet.preprocess_image(img)
+
+
+def _miniimagenet_normalize(x):
+    from jaxmeta.data import miniimagenet
+
+    return miniimagenet.normalize(x)
+
+
+DATASETS = {
+    "omniglot": Dataset(_load_omniglot, conv4_omniglot, _omniglot_preprocess, None),
+    "miniimagenet": Dataset(_load_miniimagenet, conv4_miniimagenet, _miniimagenet_preprocess,
+                            _miniimagenet_normalize),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class FewShotConfig:
+    """A few-shot classification run (frozen and hashable; presets are instances).
+
+    The inner learning rate applies to a *mean*-reduced cross-entropy (the MAML
+    reference code differentiated a sum over the support examples).
+    """
+
+    dataset: str = "omniglot"
+    algo: str = "maml"
+    ways: int = 5
+    shots: int = 1
+    queries: int = 15
+    meta_batch: int = 32
+    inner_steps: int = 1
+    inner_lr: float = 0.4
+    test_inner_steps: int = 3
+    outer_lr: float = 1e-3
+    reptile_epsilon: float = 1.0
+    meta_steps: int = 60_000
+    split: str = "maml"
+    seed: int = 0
+    conv_impl: str = "auto"
+    chunk_size: int | None = None
+    remat: bool = False
+    eval_queries: int = 15
+    test_tasks: int = 600
+    val_tasks: int = 100
+    log_every: int = 100
+    val_every: int = 1_000
+    checkpoint_every: int = 1_000
+    max_bad_steps: int = 20
+    data_dir: str | None = None
+    cache_dir: str | None = None
+
+    IDENTITY_EXCLUDE = ("meta_steps", "log_every", "val_every", "checkpoint_every", "max_bad_steps",
+                        "data_dir", "cache_dir", "test_tasks", "val_tasks", "test_inner_steps", "chunk_size")
+
+    def identity(self) -> dict:
+        """The fields a checkpoint must agree on to be resumed (model, task, algorithm)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.IDENTITY_EXCLUDE}
+
+    def validate(self) -> None:
+        """Checks everything that needs no data; raises :class:`ConfigError`."""
+        if self.dataset not in DATASETS:
+            raise ConfigError(f"unknown dataset {self.dataset!r}; choose from {', '.join(DATASETS)}")
+        if self.algo not in ALGORITHMS:
+            raise ConfigError(f"unknown algorithm {self.algo!r}; choose from {', '.join(ALGORITHMS)}")
+        for name in ("ways", "shots", "queries", "meta_batch", "inner_steps", "meta_steps", "eval_queries",
+                     "test_tasks", "val_tasks", "log_every", "val_every", "checkpoint_every", "max_bad_steps"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.test_inner_steps < 0:
+            raise ConfigError(f"test-inner-steps must be >= 0, got {self.test_inner_steps}")
+        for name in ("inner_lr", "outer_lr", "reptile_epsilon"):
+            value = getattr(self, name)
+            if not (value > 0 and np.isfinite(value)):
+                raise ConfigError(f"{name.replace('_', '-')} must be a positive number, got {value}")
+        if self.chunk_size is not None and self.chunk_size <= 0:
+            raise ConfigError(f"chunk-size must be positive, got {self.chunk_size}")
+        if self.ways < 2:
+            raise ConfigError(f"ways must be at least 2, got {self.ways}")
+        if self.split not in ("maml", "lake"):
+            raise ConfigError(f"unknown split {self.split!r}; choose maml or lake")
+        if self.test_tasks < 2:
+            raise ConfigError("tasks must be at least 2 for a confidence interval")
+
+    def validate_data(self, train: np.ndarray, test: np.ndarray) -> None:
+        """Checks the episodes against the data: ways ≤ classes, K + Q ≤ examples per class."""
+        try:
+            episodes.validate_episode(train.shape[0], train.shape[1], ways=self.ways, shots=self.shots,
+                                      queries=self.queries)
+        except ConfigError as e:
+            raise ConfigError(f"training split of {self.dataset} ({self.split}): {e}") from None
+        self.validate_test(test)
+
+    def validate_test(self, test: np.ndarray) -> None:
+        try:
+            episodes.validate_episode(test.shape[0], test.shape[1], ways=self.ways, shots=self.shots,
+                                      queries=self.eval_queries)
+        except ConfigError as e:
+            raise ConfigError(f"test split of {self.dataset} ({self.split}): {e}") from None
+
+
+def algo_defaults(config: FewShotConfig, explicit: set[str]) -> FewShotConfig:
+    """Reptile needs several inner steps (with one it is joint training): 5 unless given."""
+    if config.algo == "reptile" and "inner_steps" not in explicit and config.inner_steps < 5:
+        config = dataclasses.replace(config, inner_steps=5, test_inner_steps=max(config.test_inner_steps, 5))
+    return config
+
+
+# --------------------------------------------------------------------------------------
+# Pieces shared by train / evaluate / episode.
+# --------------------------------------------------------------------------------------
+
+
+def build(config: FewShotConfig):
+    """``(model, loss_fn, learner)`` for a configuration."""
+    model = DATASETS[config.dataset].model(config.ways, config.conv_impl)
+    loss_fn = classification_loss(model)
+    learner = make_learner(
+        config.algo,
+        loss_fn,
+        inner_steps=config.inner_steps,
+        inner_lr=config.inner_lr,
+        outer_lr=config.outer_lr,
+        meta_steps=config.meta_steps,
+        has_aux=True,
+        remat=config.remat,
+        chunk_size=config.chunk_size,
+        reptile_epsilon=config.reptile_epsilon,
+    )
+    return model, loss_fn, learner
+
+
+def init_params(config: FewShotConfig, model, example_shape: tuple[int, ...]):
+    key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0)
+    return model.init(key, jnp.zeros((config.ways * config.shots, *example_shape)))["params"]
+
+
+def task_sampler(config: FewShotConfig, *, batch_size: int, queries: int):
+    """``sample(key, images) -> Task`` batch drawn on the device from ``images``."""
+    normalize = DATASETS[config.dataset].normalize
+
+    def sample(key, images):
+        tasks = episodes.sample_tasks(key, images, batch_size=batch_size, ways=config.ways, shots=config.shots,
+                                      queries=queries)
+        if normalize is not None:
+            tasks = tasks._replace(support=(normalize(tasks.support[0]), tasks.support[1]),
+                                   query=(normalize(tasks.query[0]), tasks.query[1]))
+        return tasks
+
+    return sample
+
+
+def fixed_tasks(config: FewShotConfig, images: np.ndarray, *, num_tasks: int, seed: int):
+    """A fixed set of evaluation tasks (the same for every run with the same episode shape)."""
+    sample = task_sampler(config, batch_size=num_tasks, queries=config.eval_queries)
+    return jax.jit(sample)(jax.random.PRNGKey(seed), jnp.asarray(images))
+
+
+def score(config: FewShotConfig, loss_fn, params, tasks, steps: int) -> dict:
+    """Accuracy (and loss) after 0..steps inner steps, mean and 95% CI over tasks."""
+    result = evaluate_tasks(loss_fn, params, tasks, steps=steps, lr=config.inner_lr, has_aux=True)
+    acc, ci = np.asarray(result.mean["accuracy"]), np.asarray(result.ci95["accuracy"])
+    return {
+        "accuracy": float(acc[-1]),
+        "ci95": float(ci[-1]),
+        "tasks": int(result.per_task["accuracy"].shape[0]),
+        "inner_steps": int(steps),
+        "accuracy_per_step": acc.tolist(),
+        "ci95_per_step": ci.tolist(),
+        "loss_per_step": np.asarray(result.mean["loss"]).tolist(),
+    }
+
+
+def read_config(run_dir: str) -> FewShotConfig:
+    """The configuration saved in a run directory."""
+    path = os.path.join(run_dir, CONFIG_FILE)
+    if not os.path.isdir(run_dir):
+        raise CheckpointError(f"run directory {run_dir} does not exist")
+    if not os.path.exists(path):
+        raise CheckpointError(f"{run_dir} is not a run directory: {CONFIG_FILE} is missing")
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+        return FewShotConfig(**raw)
+    except (json.JSONDecodeError, TypeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is corrupt: {e}") from None
+
+
+def load_params(run_dir: str, config: FewShotConfig, model, example_shape):
+    """The newest checkpoint's meta-learned parameters."""
+    _, _, learner = build(config)
+    params = init_params(config, model, example_shape)
+    abstract = jax.eval_shape(lambda: init_train_state(learner, params, jax.random.PRNGKey(0)))
+    if ckpt.latest_step(run_dir) is None:
+        raise CheckpointError(f"no checkpoint in {run_dir}")
+    step, state = ckpt.restore(run_dir, abstract, config.identity())
+    return step, state.meta.params
+
+
+def load_data(config: FewShotConfig):
+    train_images, val_images, test_images = DATASETS[config.dataset].load(config)
+    return train_images, val_images, test_images
+
+
+# --------------------------------------------------------------------------------------
+# train / evaluate / episode.
+# --------------------------------------------------------------------------------------
+
+
+def train_and_evaluate(config: FewShotConfig, run_dir: str, *, resume: bool = False, progress: bool = True) -> dict:
+    """Meta-trains, validates, checkpoints, then evaluates on the fixed test tasks.
+
+    Writes ``RUN/config.json``, ``RUN/metrics.jsonl``, ``RUN/checkpoints/``,
+    ``RUN/curve.png`` and ``RUN/eval.json``; returns the evaluation.
+    """
+    config.validate()
+    existing = ckpt.latest_step(run_dir)
+    if resume:
+        if existing is None:
+            raise CheckpointError(f"nothing to resume: no checkpoint in {run_dir}")
+        stored = ckpt.read_identity(run_dir)
+        if stored != config.identity():
+            differ = sorted(k for k in set(stored) | set(config.identity()) if stored.get(k) != config.identity().get(k))
+            raise CheckpointError(f"checkpoint in {run_dir} is from a different configuration ({', '.join(differ)})")
+        if existing >= config.meta_steps:
+            raise ConfigError(f"{run_dir} already ran {existing} meta-steps; ask for more with --meta-steps")
+    elif existing is not None:
+        raise CheckpointError(
+            f"{run_dir} already holds a run (checkpoint at step {existing}): pass --resume or choose another --out"
+        )
+    train_images, val_images, test_images = load_data(config)
+    config.validate_data(train_images, test_images)
+    write_json(os.path.join(run_dir, CONFIG_FILE), dataclasses.asdict(config))
+
+    model, loss_fn, learner = build(config)
+    params = init_params(config, model, train_images.shape[2:])
+    sample = task_sampler(config, batch_size=config.meta_batch, queries=config.queries)
+    validate = None
+    if val_images is not None:
+        config.validate_test(val_images)
+        val_tasks = fixed_tasks(config, val_images, num_tasks=config.val_tasks, seed=VAL_SEED)
+
+        def validate(p):
+            result = score(config, loss_fn, p, val_tasks, config.test_inner_steps)
+            return {"accuracy": result["accuracy"], "loss": result["loss_per_step"][-1]}
+
+    result = train(
+        learner,
+        params,
+        sample,
+        data=jnp.asarray(train_images),
+        key=jax.random.fold_in(jax.random.PRNGKey(config.seed), 1),
+        meta_steps=config.meta_steps,
+        log_every=config.log_every,
+        validate=validate,
+        validate_every=config.val_every,
+        out_dir=run_dir,
+        checkpoint_every=config.checkpoint_every,
+        resume=resume,
+        identity=config.identity(),
+        max_bad_steps=config.max_bad_steps,
+        progress=progress,
+        desc=f"{config.dataset} {config.ways}-way {config.shots}-shot {config.algo}",
+    )
+    plot_curve(read_jsonl(os.path.join(run_dir, METRICS_FILE)), os.path.join(run_dir, "curve.png"),
+               title=f"{config.dataset} {config.ways}-way {config.shots}-shot {config.algo}")
+    test_tasks = fixed_tasks(config, test_images, num_tasks=config.test_tasks, seed=TEST_SEED)
+    evaluation = score(config, loss_fn, result.state.meta.params, test_tasks, config.test_inner_steps)
+    evaluation.update(meta_steps=int(result.state.step), skipped_steps=int(result.state.skipped),
+                      train_seconds=result.seconds, device=str(jax.devices()[0]), algo=config.algo,
+                      ways=config.ways, shots=config.shots, dataset=config.dataset, split=config.split)
+    write_json(os.path.join(run_dir, EVAL_FILE), evaluation)
+    return evaluation
+
+
+def evaluate_run(run_dir: str, *, tasks: int | None = None, inner_steps: int | None = None,
+                 data_dir: str | None = None, cache_dir: str | None = None) -> dict:
+    """Evaluates a run's newest checkpoint on the fixed test tasks; writes ``RUN/eval.json``."""
+    config = read_config(run_dir)
+    config = dataclasses.replace(config, data_dir=data_dir or config.data_dir, cache_dir=cache_dir or config.cache_dir)
+    if tasks is not None:
+        config = dataclasses.replace(config, test_tasks=tasks)
+    steps = config.test_inner_steps if inner_steps is None else inner_steps
+    config.validate()
+    _, _, test_images = load_data(config)
+    config.validate_test(test_images)
+    model, loss_fn, _ = build(config)
+    step, params = load_params(run_dir, config, model, test_images.shape[2:])
+    test_tasks = fixed_tasks(config, test_images, num_tasks=config.test_tasks, seed=TEST_SEED)
+    evaluation = score(config, loss_fn, params, test_tasks, steps)
+    evaluation.update(meta_steps=step, device=str(jax.devices()[0]), algo=config.algo, ways=config.ways,
+                      shots=config.shots, dataset=config.dataset, split=config.split)
+    write_json(os.path.join(run_dir, EVAL_FILE), evaluation)
+    return evaluation
+
+
+def episode(run_dir: str, support_dir: str, query_dir: str, *, inner_steps: int | None = None) -> dict:
+    """Adapts a run's initialisation to a user's own episode of image folders.
+
+    ``SDIR/<class>/*.png`` are the labelled support images and
+    ``QDIR/<class>/*.png`` the query images (their folder names only score
+    the predictions).  Images of any size get the data set's preprocessing.
+    """
+    from jaxmeta.data.folders import load_folder_episode
+
+    config = read_config(run_dir)
+    spec = DATASETS[config.dataset]
+    task, class_names, query_paths = load_folder_episode(support_dir, query_dir, spec.preprocess)
+    if len(class_names) > config.ways:
+        raise DataError(f"the episode has {len(class_names)} classes but {run_dir} was meta-trained for "
+                        f"{config.ways}-way tasks")
+    if len(class_names) < 2:
+        raise DataError(f"the episode needs at least 2 classes, found {len(class_names)} in {support_dir}")
+    steps = config.test_inner_steps if inner_steps is None else inner_steps
+    model, loss_fn, _ = build(config)
+    example_shape = task.support[0].shape[1:]
+    _, params = load_params(run_dir, config, model, example_shape)
+    support = tuple(jnp.asarray(a) for a in task.support)
+    query_x = jnp.asarray(task.query[0])
+    if spec.normalize is not None:
+        support = (spec.normalize(support[0]), support[1])
+        query_x = spec.normalize(query_x)
+    adapted, _ = adapt_and_observe(loss_fn, params, support, steps=steps, lr=config.inner_lr, has_aux=True)
+    logits = model.apply({"params": adapted}, query_x)
+    predicted = np.asarray(jnp.argmax(logits[:, : len(class_names)], axis=-1))
+    accuracy = float(np.mean(predicted == np.asarray(task.query[1])))
+    return {"accuracy": accuracy,
+            "predictions": {path: class_names[int(p)] for path, p in zip(query_paths, predicted)}}
+
+
+def plot_curve(history: list[dict], path: str, *, title: str = "") -> None:
+    """Training (query, after adaptation) and validation accuracy against meta-steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    steps = [r["step"] for r in history]
+    for key, label in (("train/query_accuracy_post", "train query, after adaptation"),
+                       ("train/query_accuracy_pre", "train query, before adaptation")):
+        if history and key in history[0]:
+            ax1.plot(steps, [r[key] for r in history], label=label)
+    val = [(r["step"], r["val/accuracy"]) for r in history if "val/accuracy" in r]
+    if val:
+        ax1.plot(*zip(*val), "o-", label="validation (fixed tasks)")
+    ax1.set(xlabel="meta-step", ylabel="accuracy", title=title)
+    ax1.legend()
+    ax2.plot(steps, [r["train/loss"] for r in history], label="meta-loss")
+    ax2.set(xlabel="meta-step", ylabel="loss", yscale="log")
+    ax2.legend()
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+

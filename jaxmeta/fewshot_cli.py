@@ -1,0 +1,125 @@
+"""The ``train | evaluate | episode`` command line shared by the image experiments."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Callable, Sequence
+
+from jaxmeta import fewshot
+from jaxmeta.algorithms.registry import ALGORITHMS
+from jaxmeta.cli import ArgumentParser, nonnegative_int, positive_float, positive_int, writable_dir
+from jaxmeta.errors import ConfigError
+from jaxmeta.models.conv4 import CONV_IMPLS
+
+PresetFn = Callable[[str, int, int], dict]
+"""``preset(name, ways, shots) -> field overrides`` of :class:`~jaxmeta.fewshot.FewShotConfig`."""
+
+# CLI flag → FewShotConfig field, for the flags that override a preset.
+OVERRIDES = ("meta_steps", "meta_batch", "queries", "inner_steps", "inner_lr", "test_inner_steps", "outer_lr",
+             "seed", "split", "data_dir", "cache_dir", "conv_impl", "chunk_size", "log_every", "val_every",
+             "checkpoint_every", "max_bad_steps", "val_tasks", "remat")
+
+
+def build_parser(dataset: str, presets: Sequence[str], data_env: str) -> ArgumentParser:
+    parser = ArgumentParser(prog=f"python -m experiments.{dataset}",
+                            description=f"{dataset}: N-way K-shot meta-learning (MAML, first-order MAML, Reptile, "
+                                        "pre-training)")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
+
+    t = commands.add_parser("train", help="meta-train, validate, checkpoint, then evaluate on the test tasks")
+    t.add_argument("--ways", type=positive_int, help="N classes per task (default 5)")
+    t.add_argument("--shots", type=positive_int, help="K support examples per class (default 1)")
+    t.add_argument("--algo", choices=ALGORITHMS, help="default maml")
+    t.add_argument("--preset", choices=presets, default="cpu")
+    t.add_argument("--meta-steps", type=positive_int, help="meta-iterations in total (also when resuming)")
+    t.add_argument("--meta-batch", type=positive_int, help="tasks per meta-step")
+    t.add_argument("--queries", type=positive_int, help="query examples per class in training")
+    t.add_argument("--inner-steps", type=positive_int, help="inner SGD steps in training")
+    t.add_argument("--inner-lr", type=positive_float, help="inner learning rate (mean-reduced loss)")
+    t.add_argument("--test-inner-steps", type=nonnegative_int, help="inner steps at validation/test time")
+    t.add_argument("--outer-lr", type=positive_float, help="outer (Adam) learning rate")
+    t.add_argument("--seed", type=int)
+    t.add_argument("--split", choices=("maml", "lake"))
+    t.add_argument("--data-dir", help=f"directory of the original data (else ${data_env})")
+    t.add_argument("--cache-dir", help="preprocessed-data cache (else $JAXMETA_CACHE_DIR or ~/.cache/jaxmeta)")
+    t.add_argument("--conv-impl", choices=CONV_IMPLS, help="convolution: auto (patches on CPU), patches, native")
+    t.add_argument("--chunk-size", type=positive_int, help="tasks per chunk (default: vmap all tasks)")
+    t.add_argument("--remat", action="store_true", default=None, help="rematerialise inner steps (saves memory)")
+    t.add_argument("--log-every", type=positive_int, help="meta-steps per logged line (and per dispatch)")
+    t.add_argument("--val-every", type=positive_int)
+    t.add_argument("--val-tasks", type=positive_int)
+    t.add_argument("--checkpoint-every", type=positive_int)
+    t.add_argument("--max-bad-steps", type=positive_int,
+                   help="stop after this many consecutive non-finite meta-steps")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out up to --meta-steps")
+    t.add_argument("--out", required=True, help="run directory")
+    t.add_argument("--no-progress", action="store_true")
+
+    e = commands.add_parser("evaluate", help="evaluate a run on the fixed test tasks")
+    e.add_argument("--run", required=True)
+    e.add_argument("--tasks", type=positive_int, default=600)
+    e.add_argument("--inner-steps", type=nonnegative_int)
+    e.add_argument("--data-dir")
+    e.add_argument("--cache-dir")
+
+    p = commands.add_parser("episode", help="adapt a run to your own episode of image folders")
+    p.add_argument("--run", required=True)
+    p.add_argument("--support", required=True, help="SDIR/<class>/*.png: labelled support images")
+    p.add_argument("--query", required=True, help="QDIR/<class>/*.png: query images (folder names only score)")
+    p.add_argument("--inner-steps", type=nonnegative_int)
+    return parser
+
+
+def config_from_args(dataset: str, preset: PresetFn, args) -> fewshot.FewShotConfig:
+    """The preset for (ways, shots), overridden by the flags given explicitly."""
+    explicit = {k: getattr(args, k) for k in OVERRIDES if getattr(args, k, None) is not None}
+    ways, shots = args.ways or 5, args.shots or 1
+    base = dict(dataset=dataset, algo=args.algo or "maml", ways=ways, shots=shots)
+    fields = {**base, **preset(args.preset, ways, shots), **explicit}
+    try:
+        config = fewshot.FewShotConfig(**fields)
+    except TypeError as e:
+        raise ConfigError(str(e)) from None
+    return fewshot.algo_defaults(config, set(explicit))
+
+
+def resumed_config(run_dir: str, args) -> fewshot.FewShotConfig:
+    """A resumed run keeps its stored configuration; only the budget and bookkeeping may change."""
+    config = fewshot.read_config(run_dir)
+    changeable = ("meta_steps", "log_every", "val_every", "checkpoint_every", "max_bad_steps", "data_dir",
+                  "cache_dir", "chunk_size")
+    updates = {k: getattr(args, k) for k in changeable if getattr(args, k, None) is not None}
+    fixed = [k for k in OVERRIDES if k not in changeable and getattr(args, k, None) is not None
+             and getattr(args, k) != getattr(config, k)]
+    if fixed:
+        raise ConfigError(f"--resume continues {run_dir} as configured; cannot change "
+                          f"{', '.join('--' + k.replace('_', '-') for k in fixed)}")
+    for name in ("ways", "shots", "algo"):
+        if getattr(args, name) is not None and getattr(args, name) != getattr(config, name):
+            raise ConfigError(f"--resume: {run_dir} is a {config.ways}-way {config.shots}-shot {config.algo} run")
+    return dataclasses.replace(config, **updates)
+
+
+def main(dataset: str, preset: PresetFn, presets: Sequence[str], data_env: str,
+         argv: Sequence[str] | None = None) -> dict:
+    """Parses ``argv`` and runs one command; returns its result."""
+    parser = build_parser(dataset, presets, data_env)
+    args = parser.parse_args(argv)
+    if args.command == "train":
+        out = writable_dir(args.out)
+        config = resumed_config(out, args) if args.resume else config_from_args(dataset, preset, args)
+        config.validate()
+        result = fewshot.train_and_evaluate(config, out, resume=args.resume, progress=not args.no_progress)
+        print(json.dumps({k: result[k] for k in ("accuracy", "ci95", "tasks", "inner_steps")}))
+        print(f"run written to {os.path.abspath(out)} (eval.json, metrics.jsonl, curve.png, checkpoints/)")
+        return result
+    if args.command == "evaluate":
+        result = fewshot.evaluate_run(args.run, tasks=args.tasks, inner_steps=args.inner_steps,
+                                      data_dir=args.data_dir, cache_dir=args.cache_dir)
+        print(json.dumps({k: result[k] for k in ("accuracy", "ci95", "tasks", "inner_steps")}))
+        return result
+    result = fewshot.episode(args.run, args.support, args.query, inner_steps=args.inner_steps)
+    print(json.dumps(result, indent=1))
+    return result
