@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmeta import adapt_and_observe, evaluate
-from jaxmeta.algorithms.registry import ALGORITHMS, make_learner
+from jaxmeta.algorithms.anil import flax_anil_fns
+from jaxmeta.algorithms.registry import ALGORITHMS, BASE_ALGORITHMS, adaptation, make_learner
 from jaxmeta.cli import ArgumentParser, choice_list, int_list, positive_float, positive_int, run, writable_dir
 from jaxmeta.data import sinusoid
 from jaxmeta.errors import ConfigError
@@ -72,6 +73,8 @@ class SinusoidConfig:
             )
 
 
+ANIL_HEAD = "Dense_2"  # the MLP's output layer
+
 PRESETS = {
     "paper": SinusoidConfig(),
     "quick": SinusoidConfig(meta_steps=8_000, log_every=500),
@@ -103,7 +106,10 @@ def train_algorithm(
         outer_lr=config.outer_lr,
         meta_steps=config.meta_steps,
         reptile_epsilon=config.reptile_epsilon,
+        anil_fns=flax_anil_fns(model, regression_loss, head=ANIL_HEAD) if algo == "anil" else None,
+        anil_head=ANIL_HEAD,
     )
+
     def sample(key, _data):
         return sinusoid.sample_tasks(key, batch_size=config.meta_batch, shots=config.shots, queries=config.shots)
 
@@ -125,7 +131,9 @@ def train_algorithm(
 
 
 def _identity(config: SinusoidConfig) -> dict:
-    return {k: v for k, v in dataclasses.asdict(config).items() if k not in ("meta_steps", "log_every")}
+    evaluation_only = ("meta_steps", "log_every", "eval_shots", "eval_steps", "test_tasks", "query_points",
+                       "test_points", "pretrain_lr_grid")
+    return {k: v for k, v in dataclasses.asdict(config).items() if k not in evaluation_only}
 
 
 def tuned_lr(config: SinusoidConfig, algo: str, params, shots: int) -> float:
@@ -150,15 +158,16 @@ def tuned_lr(config: SinusoidConfig, algo: str, params, shots: int) -> float:
     return config.pretrain_lr_grid[int(np.argmin(scores))]
 
 
-def evaluate_algorithm(config: SinusoidConfig, algo: str, params, pool) -> dict:
+def evaluate_algorithm(config: SinusoidConfig, algo: str, meta_params, pool) -> dict:
     """MSE on the fixed test tasks: ``{K: {steps: {"mean", "ci95"}}}``, full curves and rates used."""
     _, x, y = pool
     loss_fn = regression_loss(MLP())
     out, curves, rates = {}, {}, {}
     for shots in config.eval_shots:
-        inner_lr = rates[str(shots)] = tuned_lr(config, algo, params, shots)
+        inner_lr = rates[str(shots)] = tuned_lr(config, algo, meta_params, shots)
+        params, lr = adaptation(algo, meta_params, inner_lr, head=ANIL_HEAD)
         tasks = sinusoid.pool_tasks(x, y, shots=shots, queries=config.query_points)
-        result = evaluate(loss_fn, params, tasks, steps=max(config.eval_steps), lr=inner_lr)
+        result = evaluate(loss_fn, params, tasks, steps=max(config.eval_steps), lr=lr)
         mean, ci = np.asarray(result.mean["loss"]), np.asarray(result.ci95["loss"])
         out[str(shots)] = {str(s): {"mean": float(mean[s]), "ci95": float(ci[s])} for s in config.eval_steps}
         curves[str(shots)] = {"mean": mean.tolist(), "ci95": ci.tolist()}
@@ -258,7 +267,8 @@ def plot_toy_fit(
     fig, axes = plt.subplots(1, len(shown), figsize=(5.5 * len(shown), 4), squeeze=False)
     for ax, algo in zip(axes[0], shown):
         inner_lr = results_lr[algo] if results_lr else algo_inner(config, algo)[1]
-        _, fits = adapt_and_observe(loss_fn, trained[algo], support, steps=10, lr=inner_lr,
+        params, lr = adaptation(algo, trained[algo], inner_lr, head=ANIL_HEAD)
+        _, fits = adapt_and_observe(loss_fn, params, support, steps=10, lr=lr,
                                     observe=lambda p: model.apply({"params": p}, grid))
         ax.plot(grid, truth, "k-", label="ground truth")
         for s, style in ((0, ":"), (1, "--"), (10, "-")):
@@ -274,8 +284,8 @@ def plot_toy_fit(
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="python -m experiments.sinusoid", description=__doc__.split("\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="paper")
-    parser.add_argument("--algos", type=choice_list(ALGORITHMS), default=ALGORITHMS,
-                        help="comma-separated subset of " + ",".join(ALGORITHMS))
+    parser.add_argument("--algos", type=choice_list(ALGORITHMS), default=BASE_ALGORITHMS,
+                        help="comma-separated subset of " + ",".join(ALGORITHMS) + " (default: the first four)")
     parser.add_argument("--out", default="runs/sinusoid", help="output directory")
     parser.add_argument("--meta-steps", type=positive_int)
     parser.add_argument("--meta-batch", type=positive_int)

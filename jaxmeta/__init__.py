@@ -7,10 +7,18 @@ pre-training baseline, each an optax-style ``(init, step)`` pair.
 
 from jaxmeta.algorithms import MetaLearner
 from jaxmeta.algorithms import MetaState
+from jaxmeta.algorithms import anil
+from jaxmeta.algorithms import flax_anil_fns
 from jaxmeta.algorithms import fomaml
+from jaxmeta.algorithms import head_only_lr
+from jaxmeta.algorithms import imaml
 from jaxmeta.algorithms import maml
 from jaxmeta.algorithms import maml_loss
 from jaxmeta.algorithms import maml_objective
+from jaxmeta.algorithms import mamlpp
+from jaxmeta.algorithms import mamlpp_params
+from jaxmeta.algorithms import meta_sgd
+from jaxmeta.algorithms import meta_sgd_params
 from jaxmeta.algorithms import pretrain
 from jaxmeta.algorithms import reptile
 from jaxmeta.evaluation import EvalResult
@@ -27,12 +35,20 @@ __all__ = [
     "MetaState",
     "Task",
     "adapt_and_observe",
+    "anil",
     "evaluate",
+    "flax_anil_fns",
     "fomaml",
+    "head_only_lr",
+    "imaml",
     "inner_adapt",
     "maml",
     "maml_loss",
     "maml_objective",
+    "mamlpp",
+    "mamlpp_params",
+    "meta_sgd",
+    "meta_sgd_params",
     "pretrain",
     "reptile",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -46,8 +47,16 @@ def read_identity(run_dir: str, step: int | None = None) -> dict:
     try:
         out = mngr.restore(step, args=ocp.args.Composite(identity=ocp.args.JsonRestore()))
     except Exception as e:  # noqa: BLE001 - any failure here is a corrupt checkpoint
-        raise CheckpointError(f"cannot read checkpoint {step} in {run_dir}: {_short(e)}") from None
+        raise CheckpointError(
+            f"cannot read checkpoint {step} in {run_dir} (corrupt or incomplete): {_short(e)}"
+        ) from None
     return dict(out["identity"])
+
+
+def identity_differences(stored: dict, identity: dict) -> list[str]:
+    """Keys of ``identity`` whose stored value differs (keys the code no longer checks are ignored)."""
+    identity = json.loads(json.dumps(identity))  # compare as stored: tuples become lists
+    return sorted(k for k in identity if k not in stored or stored[k] != identity[k])
 
 
 def restore(run_dir: str, abstract_state: Any, identity: dict, *, step: int | None = None) -> tuple[int, Any]:
@@ -68,7 +77,7 @@ def restore(run_dir: str, abstract_state: Any, identity: dict, *, step: int | No
       CheckpointError: no checkpoint, a different configuration, or corrupt files.
     """
     stored = read_identity(run_dir, step)
-    differ = sorted(k for k in set(stored) | set(identity) if stored.get(k) != identity.get(k))
+    differ = identity_differences(stored, identity)
     if differ:
         parts = ", ".join(f"{k}: checkpoint {stored.get(k)!r} vs now {identity.get(k)!r}" for k in differ)
         raise CheckpointError(f"checkpoint in {run_dir} is from a different configuration ({parts})")
@@ -77,7 +86,9 @@ def restore(run_dir: str, abstract_state: Any, identity: dict, *, step: int | No
     try:
         out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
     except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"cannot restore checkpoint {step} in {run_dir}: {_short(e)}") from None
+        raise CheckpointError(
+            f"cannot restore checkpoint {step} in {run_dir} (corrupt or incomplete): {_short(e)}"
+        ) from None
     state = out["state"]
     # Orbax may hand back a different pytree node type for NamedTuples; rebuild ours.
     state = jax.tree.unflatten(jax.tree.structure(abstract_state), jax.tree.leaves(state))

@@ -81,8 +81,18 @@ def writable_dir(path: str) -> str:
     return path
 
 
+def quiet_libraries() -> None:
+    """Keeps TensorFlow/TFDS/absl chatter (warnings meant for developers) off the terminal."""
+    import logging
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    # Orbax and TFDS log through absl; their problems reach the user as our own one-line errors.
+    logging.getLogger("absl").setLevel(logging.CRITICAL)
+
+
 def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> None:
     """Runs ``main(argv)``; user-facing errors become one line on stderr and exit code 2."""
+    quiet_libraries()
     try:
         main(argv)
     except JaxmetaError as e:

@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmeta import checkpoint as ckpt
-from jaxmeta.algorithms.registry import ALGORITHMS, make_learner
+from jaxmeta.algorithms.anil import flax_anil_fns
+from jaxmeta.algorithms.registry import ALGORITHMS, adaptation, make_learner
 from jaxmeta.data import episodes
 from jaxmeta.errors import CheckpointError, ConfigError, DataError
 from jaxmeta.evaluation import evaluate as evaluate_tasks
@@ -37,6 +38,7 @@ from jaxmeta.training import METRICS_FILE, init_train_state, train
 
 CONFIG_FILE = "config.json"
 EVAL_FILE = "eval.json"
+TRAIN_FILE = "train.json"
 TEST_SEED = 2017  # the fixed test tasks: the same 600 tasks for every run and method
 VAL_SEED = 1234
 
@@ -101,6 +103,9 @@ class FewShotConfig:
 
     The inner learning rate applies to a *mean*-reduced cross-entropy (the MAML
     reference code differentiated a sum over the support examples).
+    ``eval_queries=None`` evaluates with as many query examples per class as
+    training used (the reference code's protocol): with transductive batch
+    norm the query batch is part of the model, and its size should match.
     """
 
     dataset: str = "omniglot"
@@ -120,7 +125,7 @@ class FewShotConfig:
     conv_impl: str = "auto"
     chunk_size: int | None = None
     remat: bool = False
-    eval_queries: int = 15
+    eval_queries: int | None = None
     test_tasks: int = 600
     val_tasks: int = 100
     log_every: int = 100
@@ -131,7 +136,8 @@ class FewShotConfig:
     cache_dir: str | None = None
 
     IDENTITY_EXCLUDE = ("meta_steps", "log_every", "val_every", "checkpoint_every", "max_bad_steps",
-                        "data_dir", "cache_dir", "test_tasks", "val_tasks", "test_inner_steps", "chunk_size")
+                        "data_dir", "cache_dir", "test_tasks", "val_tasks", "test_inner_steps", "chunk_size",
+                        "eval_queries")
 
     def identity(self) -> dict:
         """The fields a checkpoint must agree on to be resumed (model, task, algorithm)."""
@@ -143,7 +149,7 @@ class FewShotConfig:
             raise ConfigError(f"unknown dataset {self.dataset!r}; choose from {', '.join(DATASETS)}")
         if self.algo not in ALGORITHMS:
             raise ConfigError(f"unknown algorithm {self.algo!r}; choose from {', '.join(ALGORITHMS)}")
-        for name in ("ways", "shots", "queries", "meta_batch", "inner_steps", "meta_steps", "eval_queries",
+        for name in ("ways", "shots", "queries", "meta_batch", "inner_steps", "meta_steps",
                      "test_tasks", "val_tasks", "log_every", "val_every", "checkpoint_every", "max_bad_steps"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
@@ -153,6 +159,8 @@ class FewShotConfig:
             value = getattr(self, name)
             if not (value > 0 and np.isfinite(value)):
                 raise ConfigError(f"{name.replace('_', '-')} must be a positive number, got {value}")
+        if self.eval_queries is not None and self.eval_queries <= 0:
+            raise ConfigError(f"eval-queries must be positive, got {self.eval_queries}")
         if self.chunk_size is not None and self.chunk_size <= 0:
             raise ConfigError(f"chunk-size must be positive, got {self.chunk_size}")
         if self.ways < 2:
@@ -171,10 +179,15 @@ class FewShotConfig:
             raise ConfigError(f"training split of {self.dataset} ({self.split}): {e}") from None
         self.validate_test(test)
 
+    @property
+    def test_queries(self) -> int:
+        """Query examples per class in validation and test tasks."""
+        return self.queries if self.eval_queries is None else self.eval_queries
+
     def validate_test(self, test: np.ndarray) -> None:
         try:
             episodes.validate_episode(test.shape[0], test.shape[1], ways=self.ways, shots=self.shots,
-                                      queries=self.eval_queries)
+                                      queries=self.test_queries)
         except ConfigError as e:
             raise ConfigError(f"test split of {self.dataset} ({self.split}): {e}") from None
 
@@ -206,6 +219,7 @@ def build(config: FewShotConfig):
         remat=config.remat,
         chunk_size=config.chunk_size,
         reptile_epsilon=config.reptile_epsilon,
+        anil_fns=flax_anil_fns(model, classification_loss, head="head") if config.algo == "anil" else None,
     )
     return model, loss_fn, learner
 
@@ -232,19 +246,21 @@ def task_sampler(config: FewShotConfig, *, batch_size: int, queries: int):
 
 def fixed_tasks(config: FewShotConfig, images: np.ndarray, *, num_tasks: int, seed: int):
     """A fixed set of evaluation tasks (the same for every run with the same episode shape)."""
-    sample = task_sampler(config, batch_size=num_tasks, queries=config.eval_queries)
+    sample = task_sampler(config, batch_size=num_tasks, queries=config.test_queries)
     return jax.jit(sample)(jax.random.PRNGKey(seed), jnp.asarray(images))
 
 
-def score(config: FewShotConfig, loss_fn, params, tasks, steps: int) -> dict:
+def score(config: FewShotConfig, loss_fn, meta_params, tasks, steps: int) -> dict:
     """Accuracy (and loss) after 0..steps inner steps, mean and 95% CI over tasks."""
-    result = evaluate_tasks(loss_fn, params, tasks, steps=steps, lr=config.inner_lr, has_aux=True)
+    params, lr = adaptation(config.algo, meta_params, config.inner_lr)
+    result = evaluate_tasks(loss_fn, params, tasks, steps=steps, lr=lr, has_aux=True)
     acc, ci = np.asarray(result.mean["accuracy"]), np.asarray(result.ci95["accuracy"])
     return {
         "accuracy": float(acc[-1]),
         "ci95": float(ci[-1]),
         "tasks": int(result.per_task["accuracy"].shape[0]),
         "inner_steps": int(steps),
+        "queries_per_class": int(config.test_queries),
         "accuracy_per_step": acc.tolist(),
         "ci95_per_step": ci.tolist(),
         "loss_per_step": np.asarray(result.mean["loss"]).tolist(),
@@ -267,7 +283,7 @@ def read_config(run_dir: str) -> FewShotConfig:
 
 
 def load_params(run_dir: str, config: FewShotConfig, model, example_shape):
-    """The newest checkpoint's meta-learned parameters."""
+    """The newest checkpoint's step and meta-parameters (for Meta-SGD and MAML++ with their rates)."""
     _, _, learner = build(config)
     params = init_params(config, model, example_shape)
     abstract = jax.eval_shape(lambda: init_train_state(learner, params, jax.random.PRNGKey(0)))
@@ -298,9 +314,8 @@ def train_and_evaluate(config: FewShotConfig, run_dir: str, *, resume: bool = Fa
     if resume:
         if existing is None:
             raise CheckpointError(f"nothing to resume: no checkpoint in {run_dir}")
-        stored = ckpt.read_identity(run_dir)
-        if stored != config.identity():
-            differ = sorted(k for k in set(stored) | set(config.identity()) if stored.get(k) != config.identity().get(k))
+        differ = ckpt.identity_differences(ckpt.read_identity(run_dir), config.identity())
+        if differ:
             raise CheckpointError(f"checkpoint in {run_dir} is from a different configuration ({', '.join(differ)})")
         if existing >= config.meta_steps:
             raise ConfigError(f"{run_dir} already ran {existing} meta-steps; ask for more with --meta-steps")
@@ -344,22 +359,27 @@ def train_and_evaluate(config: FewShotConfig, run_dir: str, *, resume: bool = Fa
     )
     plot_curve(read_jsonl(os.path.join(run_dir, METRICS_FILE)), os.path.join(run_dir, "curve.png"),
                title=f"{config.dataset} {config.ways}-way {config.shots}-shot {config.algo}")
+    training = {"meta_steps": int(result.state.step), "skipped_steps": int(result.state.skipped),
+                "train_seconds_this_call": result.seconds, "resumed": resume, "device": str(jax.devices()[0])}
+    write_json(os.path.join(run_dir, TRAIN_FILE), training)
     test_tasks = fixed_tasks(config, test_images, num_tasks=config.test_tasks, seed=TEST_SEED)
     evaluation = score(config, loss_fn, result.state.meta.params, test_tasks, config.test_inner_steps)
-    evaluation.update(meta_steps=int(result.state.step), skipped_steps=int(result.state.skipped),
-                      train_seconds=result.seconds, device=str(jax.devices()[0]), algo=config.algo,
+    evaluation.update(meta_steps=int(result.state.step), device=str(jax.devices()[0]), algo=config.algo,
                       ways=config.ways, shots=config.shots, dataset=config.dataset, split=config.split)
     write_json(os.path.join(run_dir, EVAL_FILE), evaluation)
     return evaluation
 
 
 def evaluate_run(run_dir: str, *, tasks: int | None = None, inner_steps: int | None = None,
-                 data_dir: str | None = None, cache_dir: str | None = None) -> dict:
+                 eval_queries: int | None = None, data_dir: str | None = None,
+                 cache_dir: str | None = None) -> dict:
     """Evaluates a run's newest checkpoint on the fixed test tasks; writes ``RUN/eval.json``."""
     config = read_config(run_dir)
     config = dataclasses.replace(config, data_dir=data_dir or config.data_dir, cache_dir=cache_dir or config.cache_dir)
     if tasks is not None:
         config = dataclasses.replace(config, test_tasks=tasks)
+    if eval_queries is not None:
+        config = dataclasses.replace(config, eval_queries=eval_queries)
     steps = config.test_inner_steps if inner_steps is None else inner_steps
     config.validate()
     _, _, test_images = load_data(config)
@@ -394,13 +414,14 @@ def episode(run_dir: str, support_dir: str, query_dir: str, *, inner_steps: int 
     steps = config.test_inner_steps if inner_steps is None else inner_steps
     model, loss_fn, _ = build(config)
     example_shape = task.support[0].shape[1:]
-    _, params = load_params(run_dir, config, model, example_shape)
+    _, meta_params = load_params(run_dir, config, model, example_shape)
+    params, lr = adaptation(config.algo, meta_params, config.inner_lr)
     support = tuple(jnp.asarray(a) for a in task.support)
     query_x = jnp.asarray(task.query[0])
     if spec.normalize is not None:
         support = (spec.normalize(support[0]), support[1])
         query_x = spec.normalize(query_x)
-    adapted, _ = adapt_and_observe(loss_fn, params, support, steps=steps, lr=config.inner_lr, has_aux=True)
+    adapted, _ = adapt_and_observe(loss_fn, params, support, steps=steps, lr=lr, has_aux=True)
     logits = model.apply({"params": adapted}, query_x)
     predicted = np.asarray(jnp.argmax(logits[:, : len(class_names)], axis=-1))
     accuracy = float(np.mean(predicted == np.asarray(task.query[1])))

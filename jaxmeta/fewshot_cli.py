@@ -19,7 +19,7 @@ PresetFn = Callable[[str, int, int], dict]
 # CLI flag → FewShotConfig field, for the flags that override a preset.
 OVERRIDES = ("meta_steps", "meta_batch", "queries", "inner_steps", "inner_lr", "test_inner_steps", "outer_lr",
              "seed", "split", "data_dir", "cache_dir", "conv_impl", "chunk_size", "log_every", "val_every",
-             "checkpoint_every", "max_bad_steps", "val_tasks", "remat")
+             "checkpoint_every", "max_bad_steps", "val_tasks", "test_tasks", "eval_queries", "remat")
 
 
 def build_parser(dataset: str, presets: Sequence[str], data_env: str) -> ArgumentParser:
@@ -49,7 +49,10 @@ def build_parser(dataset: str, presets: Sequence[str], data_env: str) -> Argumen
     t.add_argument("--remat", action="store_true", default=None, help="rematerialise inner steps (saves memory)")
     t.add_argument("--log-every", type=positive_int, help="meta-steps per logged line (and per dispatch)")
     t.add_argument("--val-every", type=positive_int)
-    t.add_argument("--val-tasks", type=positive_int)
+    t.add_argument("--val-tasks", type=positive_int, help="fixed validation tasks")
+    t.add_argument("--eval-queries", type=positive_int,
+                   help="query examples per class in validation/test tasks (default: as in training)")
+    t.add_argument("--test-tasks", type=positive_int, help="fixed test tasks of the final evaluation (600)")
     t.add_argument("--checkpoint-every", type=positive_int)
     t.add_argument("--max-bad-steps", type=positive_int,
                    help="stop after this many consecutive non-finite meta-steps")
@@ -61,6 +64,7 @@ def build_parser(dataset: str, presets: Sequence[str], data_env: str) -> Argumen
     e.add_argument("--run", required=True)
     e.add_argument("--tasks", type=positive_int, default=600)
     e.add_argument("--inner-steps", type=nonnegative_int)
+    e.add_argument("--eval-queries", type=positive_int, help="query examples per class (default: as in training)")
     e.add_argument("--data-dir")
     e.add_argument("--cache-dir")
 
@@ -89,7 +93,7 @@ def resumed_config(run_dir: str, args) -> fewshot.FewShotConfig:
     """A resumed run keeps its stored configuration; only the budget and bookkeeping may change."""
     config = fewshot.read_config(run_dir)
     changeable = ("meta_steps", "log_every", "val_every", "checkpoint_every", "max_bad_steps", "data_dir",
-                  "cache_dir", "chunk_size")
+                  "cache_dir", "chunk_size", "test_tasks", "val_tasks", "test_inner_steps", "eval_queries")
     updates = {k: getattr(args, k) for k in changeable if getattr(args, k, None) is not None}
     fixed = [k for k in OVERRIDES if k not in changeable and getattr(args, k, None) is not None
              and getattr(args, k) != getattr(config, k)]
@@ -117,7 +121,8 @@ def main(dataset: str, preset: PresetFn, presets: Sequence[str], data_env: str,
         return result
     if args.command == "evaluate":
         result = fewshot.evaluate_run(args.run, tasks=args.tasks, inner_steps=args.inner_steps,
-                                      data_dir=args.data_dir, cache_dir=args.cache_dir)
+                                      eval_queries=args.eval_queries, data_dir=args.data_dir,
+                                      cache_dir=args.cache_dir)
         print(json.dumps({k: result[k] for k in ("accuracy", "ci95", "tasks", "inner_steps")}))
         return result
     result = fewshot.episode(args.run, args.support, args.query, inner_steps=args.inner_steps)

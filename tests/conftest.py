@@ -16,6 +16,8 @@ OMNIGLOT_DIR = (REPO_ROOT / ".." / "shared" / "data" / "omniglot").resolve()
 def omniglot_dir() -> Path:
     """The directory holding the four Omniglot ``.zip`` archives (skips if absent)."""
     if not (OMNIGLOT_DIR / "images_background.zip").is_file():
+        if os.environ.get("CI"):  # CI always has the data: a missing copy is a failure there
+            pytest.fail(f"Omniglot archives not found in {OMNIGLOT_DIR}")
         pytest.skip(f"Omniglot archives not found in {OMNIGLOT_DIR}")
     return OMNIGLOT_DIR
 
@@ -46,3 +48,48 @@ def omniglot_characters(omniglot_dir: Path, jaxmeta_cache_dir: Path):
     from jaxmeta.data import omniglot
 
     return omniglot.load_characters(data_dir=omniglot_dir, cache_dir=jaxmeta_cache_dir)
+
+
+def run_cli(module: str, *args: str, env: dict | None = None, timeout: float = 900):
+    """Runs ``python -m module args`` in a subprocess; returns the CompletedProcess."""
+    import subprocess
+    import sys
+
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO_ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_error(proc, *fragments: str) -> None:
+    """A clear failure: exit code 2, one line on stderr, no traceback."""
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert len(lines) == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def run_in_process(main, argv, capsys, env: dict | None = None, monkeypatch=None):
+    """Runs a CLI ``main`` through ``jaxmeta.cli.run`` in this process: ``(exit code, stderr)``."""
+    from jaxmeta.cli import run
+
+    if env and monkeypatch is not None:
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+    capsys.readouterr()
+    try:
+        run(main, list(argv))
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def assert_one_line_error_text(code, stderr: str, *fragments: str) -> None:
+    """In-process twin of :func:`assert_one_line_error`."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert code == 2, (code, stderr[-2000:])
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]

@@ -1,17 +1,43 @@
 """Meta-learning algorithms, each a factory returning a :class:`MetaLearner`."""
 
-from jaxmeta.algorithms.base import MetaLearner, MetaState
-from jaxmeta.algorithms.maml import fomaml, maml, maml_loss, maml_objective
+from jaxmeta.algorithms.anil import anil
+from jaxmeta.algorithms.anil import flax_anil_fns
+from jaxmeta.algorithms.anil import head_only_lr
+from jaxmeta.algorithms.base import MetaLearner
+from jaxmeta.algorithms.base import MetaState
+from jaxmeta.algorithms.imaml import conjugate_gradient
+from jaxmeta.algorithms.imaml import imaml
+from jaxmeta.algorithms.imaml import imaml_gradient
+from jaxmeta.algorithms.maml import fomaml
+from jaxmeta.algorithms.maml import maml
+from jaxmeta.algorithms.maml import maml_loss
+from jaxmeta.algorithms.maml import maml_objective
+from jaxmeta.algorithms.mamlpp import mamlpp
+from jaxmeta.algorithms.mamlpp import mamlpp_evaluate
+from jaxmeta.algorithms.mamlpp import mamlpp_params
+from jaxmeta.algorithms.meta_sgd import meta_sgd
+from jaxmeta.algorithms.meta_sgd import meta_sgd_params
 from jaxmeta.algorithms.pretrain import pretrain
 from jaxmeta.algorithms.reptile import reptile
 
 __all__ = [
     "MetaLearner",
     "MetaState",
+    "anil",
+    "conjugate_gradient",
+    "flax_anil_fns",
     "fomaml",
+    "head_only_lr",
+    "imaml",
+    "imaml_gradient",
     "maml",
     "maml_loss",
     "maml_objective",
+    "mamlpp",
+    "mamlpp_evaluate",
+    "mamlpp_params",
+    "meta_sgd",
+    "meta_sgd_params",
     "pretrain",
     "reptile",
 ]

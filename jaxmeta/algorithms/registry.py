@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import jax
 import optax
 
+from jaxmeta.algorithms.anil import anil, head_only_lr
 from jaxmeta.algorithms.base import MetaLearner
+from jaxmeta.algorithms.imaml import imaml
 from jaxmeta.algorithms.maml import maml
+from jaxmeta.algorithms.mamlpp import mamlpp, mamlpp_params
+from jaxmeta.algorithms.meta_sgd import meta_sgd, meta_sgd_params
 from jaxmeta.algorithms.pretrain import pretrain
 from jaxmeta.algorithms.reptile import reptile
 from jaxmeta.errors import ConfigError
 from jaxmeta.inner import LossFn
+from jaxmeta.types import Params, PyTree
 
-ALGORITHMS = ("maml", "fomaml", "reptile", "pretrain")
+BASE_ALGORITHMS = ("maml", "fomaml", "reptile", "pretrain")
+ALGORITHMS = BASE_ALGORITHMS + ("meta_sgd", "anil", "mamlpp", "imaml")
 
 
 def make_learner(
@@ -26,12 +33,22 @@ def make_learner(
     remat: bool = False,
     chunk_size: int | None = None,
     reptile_epsilon: float = 1.0,
+    anil_fns: tuple | None = None,
+    anil_head: str = "head",
+    imaml_lam: float = 1.0,
+    imaml_cg_steps: int = 5,
 ) -> MetaLearner:
     """Builds the named meta-learner with the experiments' conventions.
 
     MAML and first-order MAML use Adam(``outer_lr``) as the outer optimiser;
     Reptile uses SGD with step size ``reptile_epsilon`` annealed linearly to 0
     over ``meta_steps`` (Nichol et al.); pre-training uses Adam(``outer_lr``).
+    Meta-SGD, ANIL, MAML++ and iMAML use Adam(``outer_lr``) too.  ANIL needs
+    ``anil_fns=(features_fn, head_loss_fn)`` (see
+    :func:`~jaxmeta.algorithms.anil.flax_anil_fns`).  MAML++ switches on all
+    its generic stabilisers: multi-step loss annealed over the first tenth of
+    ``meta_steps``, learned per-layer per-step inner rates, first order for the
+    first third, cosine annealing of the outer rate.
 
     Raises:
       ConfigError: an unknown algorithm name.
@@ -59,4 +76,40 @@ def make_learner(
         )
     if algo == "pretrain":
         return pretrain(loss_fn, optimizer=optax.adam(outer_lr), has_aux=has_aux, chunk_size=chunk_size)
+    if algo == "meta_sgd":
+        return meta_sgd(loss_fn, inner_steps=inner_steps, init_lr=inner_lr, outer=optax.adam(outer_lr),
+                        remat=remat, has_aux=has_aux, chunk_size=chunk_size)
+    if algo == "anil":
+        if anil_fns is None:
+            raise ConfigError("anil needs anil_fns=(features_fn, head_loss_fn), e.g. flax_anil_fns(model, ...)")
+        features_fn, head_loss_fn = anil_fns
+        return anil(features_fn, head_loss_fn, head=anil_head, inner_steps=inner_steps, inner_lr=inner_lr,
+                    outer=optax.adam(outer_lr), remat=remat, has_aux=has_aux, chunk_size=chunk_size)
+    if algo == "mamlpp":
+        return mamlpp(loss_fn, inner_steps=inner_steps, inner_lr=inner_lr, outer=optax.adam(outer_lr),
+                      msl_anneal_steps=max(1, meta_steps // 10) if meta_steps else 5000,
+                      derivative_order_anneal_steps=meta_steps // 3 if meta_steps else None,
+                      cosine_outer=meta_steps is not None, total_steps=meta_steps,
+                      remat=remat, has_aux=has_aux, chunk_size=chunk_size)
+    if algo == "imaml":
+        return imaml(loss_fn, inner_steps=inner_steps, inner_lr=inner_lr, lam=imaml_lam, cg_steps=imaml_cg_steps,
+                     outer=optax.adam(outer_lr), has_aux=has_aux, chunk_size=chunk_size)
     raise ConfigError(f"unknown algorithm {algo!r}; choose from {', '.join(ALGORITHMS)}")
+
+
+def adaptation(algo: str, meta_params: PyTree, inner_lr: float, *, head: str = "head") -> tuple[Params, PyTree]:
+    """``(initial parameters, inner learning rate)`` with which a trained learner adapts at test time.
+
+    Meta-SGD adapts with its learned per-parameter rates; MAML++ with its
+    learned per-layer rates of the last training step (for any number of test
+    steps); ANIL fine-tunes the head only; the others use plain SGD at
+    ``inner_lr`` on all parameters.
+    """
+    if algo == "meta_sgd":
+        return meta_sgd_params(meta_params)
+    if algo == "mamlpp":
+        params, lrs = mamlpp_params(meta_params)
+        return params, jax.tree.map(lambda r: r[-1], lrs)
+    if algo == "anil":
+        return meta_params, head_only_lr(meta_params, inner_lr, head=head)
+    return meta_params, inner_lr

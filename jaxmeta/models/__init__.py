@@ -12,7 +12,7 @@ from jaxmeta.models.conv4 import (
     conv4_miniimagenet,
     conv4_omniglot,
     max_pool_2x2_native,
-    max_pool_2x2_reshape,
+    max_pool_2x2_patches,
     resolve_conv_impl,
     same_padding,
 )
@@ -31,7 +31,7 @@ __all__ = [
     "conv4_miniimagenet",
     "conv4_omniglot",
     "max_pool_2x2_native",
-    "max_pool_2x2_reshape",
+    "max_pool_2x2_patches",
     "regression_loss",
     "resolve_conv_impl",
     "same_padding",

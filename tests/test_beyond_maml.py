@@ -1,0 +1,417 @@
+"""Meta-SGD, ANIL, MAML++ and iMAML proved with numbers: finite differences and closed forms."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.flatten_util
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxmeta import Task, evaluate, inner_adapt, maml, maml_loss
+from jaxmeta.algorithms.anil import (
+    anil,
+    anil_loss_fn,
+    anil_objective,
+    flax_anil_fns,
+    head_only_lr,
+    head_split,
+)
+from jaxmeta.algorithms.imaml import conjugate_gradient, imaml, imaml_gradient, proximal_adapt
+from jaxmeta.algorithms.maml import maml_objective
+from jaxmeta.algorithms.mamlpp import (
+    final_step_weights,
+    mamlpp,
+    mamlpp_evaluate,
+    mamlpp_objective,
+    mamlpp_params,
+    msl_weights,
+    per_step_lr,
+)
+from jaxmeta.algorithms.meta_sgd import meta_sgd, meta_sgd_init, meta_sgd_objective, meta_sgd_params
+from jaxmeta.models import Conv4, classification_loss
+
+
+@pytest.fixture(autouse=True, scope="module")
+def float64():
+    """Finite differences need float64; restored afterwards for the other modules."""
+    jax.config.update("jax_enable_x64", True)
+    yield
+    jax.config.update("jax_enable_x64", False)
+
+
+# A plain-pytree tanh MLP as a dict, so its last layer can be named ("head").  Data and
+# parameters come from NumPy's generator: eager jax.random would compile a kernel per shape.
+def init_mlp(seed, sizes=(1, 5, 5, 1)):
+    rng = np.random.default_rng(seed)
+    names = [f"l{i}" for i in range(len(sizes) - 2)] + ["head"]
+    return {name: {"kernel": jnp.asarray(rng.normal(size=(n_in, n_out)) / np.sqrt(n_in)),
+                   "bias": jnp.asarray(0.1 * rng.normal(size=n_out))}
+            for name, n_in, n_out in zip(names, sizes[:-1], sizes[1:])}
+
+
+def mlp_features(body, x):
+    for name in sorted(body):
+        x = jnp.tanh(x @ body[name]["kernel"] + body[name]["bias"])
+    return x
+
+
+def mlp_head_loss(head, batch):
+    f, y = batch
+    return jnp.mean((f @ head["head"]["kernel"] + head["head"]["bias"] - y) ** 2)
+
+
+mlp_loss = anil_loss_fn(mlp_features, mlp_head_loss, head="head")
+
+
+def sine_tasks(seed, n_tasks=3, shots=5):
+    rng = np.random.default_rng(seed)
+    amp = rng.uniform(0.5, 2.0, (n_tasks, 1, 1))
+    phase = rng.uniform(0, np.pi, (n_tasks, 1, 1))
+    x = rng.uniform(-3, 3, (n_tasks, 2 * shots, 1))
+    y = amp * np.sin(x + phase)
+    return jax.tree.map(jnp.asarray, Task((x[:, :shots], y[:, :shots]), (x[:, shots:], y[:, shots:])))
+
+
+def finite_difference_grad(f, params, eps=1e-6):
+    """Central differences, all 2n evaluations in one jitted vmap."""
+    flat_params, unravel = jax.flatten_util.ravel_pytree(params)
+    e = eps * np.eye(flat_params.size)
+    values = jax.jit(jax.vmap(lambda v: f(unravel(v))))(jnp.concatenate([flat_params + e, flat_params - e]))
+    values = np.asarray(values)
+    return (values[: flat_params.size] - values[flat_params.size :]) / (2 * eps)
+
+
+def flat(tree):
+    return np.asarray(jax.flatten_util.ravel_pytree(tree)[0])
+
+
+# ----------------------------------------------------------------------------- Meta-SGD
+
+
+def test_meta_sgd_gradient_in_params_and_rates_matches_finite_differences():
+    params = init_mlp(0)
+    tasks = sine_tasks(1)
+    learner = meta_sgd(mlp_loss, inner_steps=2, init_lr=0.1, outer=optax.sgd(0.5))
+    state = learner.init(params)  # takes the plain params
+    theta, lr = meta_sgd_params(state)
+    assert jax.tree.structure(lr) == jax.tree.structure(params)
+    assert all(np.all(np.asarray(r) == 0.1) for r in jax.tree.leaves(lr))
+
+    def f(m):
+        return meta_sgd_objective(mlp_loss, m, tasks, steps=2)[0]
+
+    grad = jax.jit(jax.grad(f))
+    # Distinct rates per entry, so the test sees each one's own gradient.
+    meta = {"params": theta,
+            "lr": jax.tree.map(lambda r: r * (1 + np.random.default_rng(2).uniform(size=r.shape)), lr)}
+    exact = grad(meta)
+    np.testing.assert_allclose(flat(exact), finite_difference_grad(f, meta), rtol=1e-5, atol=1e-8)
+    assert np.abs(flat(exact["lr"])).max() > 1e-3  # the rates really get a gradient
+
+    # One meta-step with SGD moves θ and α by exactly that gradient.
+    new, metrics = jax.jit(learner.step)(state._replace(params=meta), tasks)
+    new_params, new_lr = meta_sgd_params(new)
+    np.testing.assert_allclose(flat(new_lr), flat(meta["lr"]) - 0.5 * flat(exact["lr"]), rtol=1e-12)
+    np.testing.assert_allclose(flat(new_params), flat(params) - 0.5 * flat(exact["params"]), rtol=1e-12)
+    assert np.abs(flat(new_lr) - flat(meta["lr"])).max() > 1e-4
+    assert set(metrics) >= {"loss", "query_loss_pre", "query_loss_post", "grad_norm", "lr_mean"}
+    # Evaluation takes the pytree of rates and scores what the objective scored.
+    theta_meta, lr_meta = meta_sgd_params(meta)
+    result = evaluate(mlp_loss, theta_meta, tasks, steps=2, lr=lr_meta, chunk_size=None)
+    np.testing.assert_allclose(np.asarray(result.mean["loss"])[[0, 2]], [metrics["query_loss_pre"], metrics["loss"]],
+                               rtol=1e-12)
+
+
+# ----------------------------------------------------------------------------- ANIL
+
+
+def test_anil_meta_gradient_matches_finite_differences_and_maml_with_a_frozen_body():
+    params = init_mlp(5)
+    tasks = sine_tasks(6)
+
+    def f(p):
+        return anil_objective(mlp_features, mlp_head_loss, p, tasks, head="head", steps=3, lr=0.05)[0]
+
+    value, exact = jax.jit(jax.value_and_grad(f))(params)
+    np.testing.assert_allclose(flat(exact), finite_difference_grad(f, params), rtol=1e-5, atol=1e-8)
+    assert np.abs(flat(exact["l0"])).max() > 1e-3  # the body is meta-learned through the features
+
+    # ANIL = MAML on the whole network with a zero inner learning rate on the body.
+    lr = head_only_lr(params, 0.05, head="head")
+    assert np.all(flat(lr["l0"]) == 0) and np.all(flat(lr["head"]) == 0.05)
+    maml_grad = jax.jit(jax.value_and_grad(lambda p, r: maml_loss(mlp_loss, p, tasks, steps=3, lr=r)))
+    maml_value, frozen = maml_grad(params, lr)
+    np.testing.assert_allclose(value, maml_value, rtol=1e-12)
+    np.testing.assert_allclose(flat(exact), flat(frozen), rtol=1e-10, atol=1e-13)
+    # ... and not MAML with the body adapted too.
+    full = maml_grad(params, jax.tree.map(lambda r: jnp.full_like(r, 0.05), lr))[1]
+    assert np.abs(flat(full) - flat(exact)).max() > 1e-3
+
+    # A key-path predicate names the same head (the parts keep the params' structure, None elsewhere).
+    is_head = lambda path, leaf: path[0].key == "head"  # noqa: E731
+    split, merge = head_split(is_head)
+    body, head = split(params)
+    assert body["head"]["kernel"] is None and head["l0"]["kernel"] is None
+    assert jax.tree.structure(merge(body, head)) == jax.tree.structure(params)
+    body_features = lambda b, x: mlp_features({k: v for k, v in b.items() if k != "head"}, x)  # noqa: E731
+    by_predicate = jax.jit(lambda p: anil_objective(body_features, mlp_head_loss, p, tasks, head=is_head, steps=3,
+                                                    lr=0.05)[0])(params)
+    np.testing.assert_allclose(by_predicate, value, rtol=1e-12)
+
+    # The learner applies exactly that gradient.
+    learner = anil(mlp_features, mlp_head_loss, head="head", inner_steps=3, inner_lr=0.05, outer=optax.sgd(0.5))
+    state, metrics = jax.jit(learner.step)(learner.init(params), tasks)
+    np.testing.assert_allclose(flat(state.params), flat(params) - 0.5 * flat(exact), rtol=1e-12)
+    assert set(metrics) >= {"loss", "query_loss_pre", "query_loss_post", "grad_norm"}
+    assert metrics["query_loss_post"] < metrics["query_loss_pre"]
+    with pytest.raises(KeyError, match="Dense_9"):
+        anil(mlp_features, mlp_head_loss, head="Dense_9", inner_steps=1, inner_lr=0.1,
+             outer=optax.sgd(0.1)).init(params)
+
+
+def test_anil_on_a_flax_conv4():
+    model = Conv4(ways=3, filters=4, stride=2)
+    x = jnp.asarray(np.random.default_rng(7).normal(size=(2, 12, 8, 8, 1)))
+    y = jnp.tile(jnp.arange(3), (2, 4))
+    tasks = Task((x[:, :6], y[:, :6]), (x[:, 6:], y[:, 6:]))
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(8), x[0])["params"]  # no compile needed
+    rng = np.random.default_rng(8)
+    params = jax.tree.map(lambda s: jnp.asarray(0.5 * rng.normal(size=s.shape) + 0.5), shapes)
+    loss_fn = classification_loss(model)
+    features_fn, head_loss_fn = flax_anil_fns(model, classification_loss, head="head")
+
+    @jax.jit
+    def check(p):
+        whole = loss_fn(p, (x[0], y[0]))
+        split = anil_loss_fn(features_fn, head_loss_fn, head="head")(p, (x[0], y[0]))
+        features = features_fn({k: v for k, v in p.items() if k != "head"}, x[0])
+        grads = jax.grad(lambda q: anil_objective(features_fn, head_loss_fn, q, tasks, steps=1, lr=0.3,
+                                                  has_aux=True)[0])(p)
+        return whole, split, features, grads
+
+    whole, split, features, grads = check(params)
+    assert features.shape == (12, 4)  # the body stops before the head: pooled conv features
+    # The split model computes the same loss and accuracy as the whole one.
+    np.testing.assert_allclose(split[0], whole[0], rtol=1e-6)
+    np.testing.assert_allclose(split[1]["accuracy"], whole[1]["accuracy"])
+    # The meta-gradient reaches every parameter, the body's through the features.
+    assert all(np.abs(flat(grads[k])).max() > 0 for k in params)
+
+
+# ----------------------------------------------------------------------------- MAML++
+
+
+def test_msl_weights_follow_the_reference_schedule():
+    np.testing.assert_allclose(msl_weights(0, steps=4, anneal_steps=10), [0.25] * 4, rtol=1e-6)
+    w = msl_weights(4, steps=4, anneal_steps=10)  # non-final 1/4 − 4/40, final 1/4 + 4·3/40
+    np.testing.assert_allclose(w, [0.15, 0.15, 0.15, 0.55], rtol=1e-6)
+    w = msl_weights(9.9, steps=4, anneal_steps=10)  # floored at 0.03/4
+    np.testing.assert_allclose(w, [0.0075] * 3 + [1 - 3 * 0.0075], rtol=1e-5)
+    np.testing.assert_allclose(msl_weights(10, steps=4, anneal_steps=10), [0, 0, 0, 1])
+    np.testing.assert_allclose(msl_weights(3, steps=1, anneal_steps=10), [1])
+
+
+def test_mamlpp_final_step_loss_is_maml_and_learned_rates_match_finite_differences():
+    params = init_mlp(9)
+    tasks = sine_tasks(10)
+
+    def f(both, weights):
+        return mamlpp_objective(mlp_loss, both[0], both[1], tasks, weights=weights)[0]
+
+    value_and_grad = jax.jit(jax.value_and_grad(f))
+    lrs = per_step_lr(params, 0.1, 3)
+    value, grad = value_and_grad((params, lrs), final_step_weights(3))
+    want_value, want_grad = jax.jit(jax.value_and_grad(lambda p: maml_loss(mlp_loss, p, tasks, steps=3, lr=0.1)))(
+        params)
+    np.testing.assert_allclose(value, want_value, rtol=1e-12)
+    np.testing.assert_allclose(flat(grad[0]), flat(want_grad), rtol=1e-10, atol=1e-14)
+
+    # Per-layer per-step rates and an intermediate multi-step loss, against finite differences.
+    lrs = jax.tree.map(lambda r: r * jnp.array([1.0, 0.5, 1.5]), lrs)
+    weights = msl_weights(3, steps=3, anneal_steps=10)
+    exact = value_and_grad((params, lrs), weights)[1]
+    numeric = finite_difference_grad(lambda both: f(both, weights), (params, lrs))
+    np.testing.assert_allclose(flat(exact), numeric, rtol=1e-5, atol=1e-8)
+    assert np.abs(flat(exact[1])).max() > 1e-3
+
+
+def test_mamlpp_learner_switches_msl_and_derivative_order_in_one_compiled_step():
+    params = init_mlp(11)
+    tasks = sine_tasks(12)
+    eta = 0.5
+    learner = mamlpp(mlp_loss, inner_steps=2, inner_lr=0.1, outer=optax.sgd(eta), msl_anneal_steps=2,
+                     learn_inner_lr=False, derivative_order_anneal_steps=1)
+    step = jax.jit(learner.step)
+    state = learner.init(params)
+
+    def applied(new):  # the gradient the outer SGD applied
+        return (flat(params) - flat(mamlpp_params(new)[0])) / eta
+
+    # The references: MAML losses after 1 and 2 steps, first-order and exact gradients.
+    @jax.jit
+    def reference(p):
+        out = {}
+        for s in (1, 2):
+            for first_order in (True, False):
+                out[s, first_order] = jax.value_and_grad(
+                    lambda q: maml_loss(mlp_loss, q, tasks, steps=s, lr=0.1, first_order=first_order))(p)
+        return out
+
+    ref = {k: (v, flat(g)) for k, (v, g) in reference(params).items()}
+    assert np.abs(ref[2, True][1] - ref[2, False][1]).max() > 1e-3  # the test can tell them apart
+
+    # Meta-step 0: first order, multi-step loss with uniform weights (not MAML's objective).
+    new, metrics = step(state, tasks)
+    np.testing.assert_allclose(metrics["loss"], 0.5 * (ref[1, True][0] + ref[2, True][0]), rtol=1e-12)
+    np.testing.assert_allclose(applied(new), 0.5 * (ref[1, True][1] + ref[2, True][1]), rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(flat(mamlpp_params(new)[1]), flat(mamlpp_params(state)[1]))  # frozen rates
+
+    # Meta-step 1 (< msl_anneal_steps): exact second order now, annealed weights.
+    new, _ = step(state._replace(step=jnp.asarray(1, jnp.int32)), tasks)
+    w = np.asarray(msl_weights(1, steps=2, anneal_steps=2))
+    np.testing.assert_allclose(applied(new), w[0] * ref[1, False][1] + w[1] * ref[2, False][1], rtol=1e-10,
+                               atol=1e-14)
+
+    # Meta-step 2: all weight on the final step, exact: a MAML step.
+    new, metrics = step(state._replace(step=jnp.asarray(2, jnp.int32)), tasks)
+    np.testing.assert_allclose(applied(new), ref[2, False][1], rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(metrics["loss"], ref[2, False][0], rtol=1e-12)
+    np.testing.assert_allclose(metrics["query_loss_post"], ref[2, False][0], rtol=1e-12)
+    assert set(metrics) >= {"loss", "query_loss_pre", "query_loss_post", "grad_norm"}
+    assert step._cache_size() == 1  # one compiled program served all three
+
+
+def test_mamlpp_learned_rates_cosine_outer_and_per_step_evaluation():
+    params = init_mlp(13)
+    tasks = sine_tasks(14)
+    kwargs = dict(inner_steps=2, inner_lr=0.1, outer=optax.sgd(0.5))
+    learner = mamlpp(mlp_loss, cosine_outer=True, total_steps=2, **kwargs)
+    step = jax.jit(learner.step)
+    s0 = learner.init(params)
+    s1, m1 = step(s0, tasks)
+    s2, m2 = step(s1, tasks)
+    assert np.abs(flat(mamlpp_params(s1)[1]) - flat(mamlpp_params(s0)[1])).min() > 0  # every rate moved
+    # SGD scaled by the cosine factor ½(1 + cos(πt/2)): 1 at the first update, ½ at the second.
+    np.testing.assert_allclose(np.linalg.norm(flat(s1.params) - flat(s0.params)), 0.5 * m1["grad_norm"], rtol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(flat(s2.params) - flat(s1.params)), 0.25 * m2["grad_norm"], rtol=1e-6)
+    with pytest.raises(ValueError, match="total_steps"):
+        mamlpp(mlp_loss, cosine_outer=True, **kwargs)
+
+    # Per-step evaluation equals jaxmeta.evaluate when the rates are equal ...
+    got = mamlpp_evaluate(mlp_loss, *mamlpp_params(s0), tasks, chunk_size=2)
+    want = evaluate(mlp_loss, params, tasks, steps=2, lr=0.1, chunk_size=2)
+    np.testing.assert_allclose(got.per_task["loss"], want.per_task["loss"], rtol=1e-12)
+    np.testing.assert_allclose(got.ci95["loss"], want.ci95["loss"], rtol=1e-10)
+    # ... and uses each step's own rate when they differ.
+    lrs = {"params": params, "lr": jax.tree.map(lambda r: r * jnp.array([1.0, 0.0]), mamlpp_params(s0)[1])}
+    got = mamlpp_evaluate(mlp_loss, *mamlpp_params(lrs), tasks, chunk_size=2)
+    np.testing.assert_allclose(got.per_task["loss"][:, 2], want.per_task["loss"][:, 1], rtol=1e-12)
+
+
+# ----------------------------------------------------------------------------- iMAML
+
+
+def quadratic(phi, batch):
+    """½ (φ − c)ᵀ M (φ − c) with the centre c and the matrix M carried by the batch."""
+    c, m = batch
+    d = phi - c
+    return 0.5 * d @ m @ d
+
+
+def spd(rng, n, low, high):
+    q, _ = np.linalg.qr(rng.normal(size=(n, n)))
+    return q @ np.diag(np.linspace(low, high, n)) @ q.T
+
+
+def test_imaml_implicit_gradient_matches_the_closed_form():
+    n, lam, tasks_n = 4, 2.0, 2
+    rng = np.random.default_rng(15)
+    a = np.stack([spd(rng, n, 1.0, 3.0) for _ in range(tasks_n)])
+    b = np.stack([spd(rng, n, 0.5, 2.0) for _ in range(tasks_n)])
+    c_s = rng.normal(size=(tasks_n, n))
+    c_q = c_s + 0.3 * rng.normal(size=(tasks_n, n))  # related tasks: adapting helps
+    theta = np.array([0.5, -1.0, 2.0, 0.0])
+    tasks = jax.tree.map(jnp.asarray, Task((c_s, a), (c_q, b)))
+    lr = 0.25  # the regularised Hessian has eigenvalues in [3, 5]: contraction ≤ 1/4 per step
+
+    eye = np.eye(n)
+    phi_star = np.stack([np.linalg.solve(a[i] + lam * eye, a[i] @ c_s[i] + lam * theta) for i in range(tasks_n)])
+    want = np.mean([np.linalg.solve(eye + a[i] / lam, b[i] @ (phi_star[i] - c_q[i])) for i in range(tasks_n)], axis=0)
+
+    phi = jax.jit(jax.vmap(lambda s: proximal_adapt(quadratic, theta, s, steps=40, lr=lr, lam=lam)))(tasks.support)
+    np.testing.assert_allclose(phi, phi_star, rtol=1e-10, atol=1e-12)
+
+    @functools.partial(jax.jit, static_argnames="cg_steps")
+    def implicit(cg_steps):
+        return imaml_gradient(quadratic, theta, tasks, steps=40, lr=lr, lam=lam, cg_steps=cg_steps)
+
+    grad, loss, metrics = implicit(n)
+    np.testing.assert_allclose(grad, want, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(loss, np.mean([0.5 * (phi_star[i] - c_q[i]) @ b[i] @ (phi_star[i] - c_q[i])
+                                               for i in range(tasks_n)]), rtol=1e-10)
+    # Extra CG iterations after convergence are harmless; too few are measurably off.
+    np.testing.assert_allclose(implicit(3 * n)[0], want, rtol=1e-6, atol=1e-9)
+    assert np.abs(implicit(1)[0] - want).max() > 1e-4
+
+    learner = imaml(quadratic, inner_steps=40, inner_lr=lr, lam=lam, cg_steps=n, outer=optax.sgd(0.5))
+    state, metrics = jax.jit(learner.step)(learner.init(theta), tasks)
+    np.testing.assert_allclose(state.params, theta - 0.5 * want, rtol=1e-6, atol=1e-9)
+    assert set(metrics) >= {"loss", "query_loss_pre", "query_loss_post", "grad_norm"}
+    assert metrics["query_loss_post"] < metrics["query_loss_pre"]
+
+
+def test_conjugate_gradient_solves_a_pytree_system():
+    m = jnp.asarray(spd(np.random.default_rng(16), 5, 0.5, 4.0))
+    rhs = {"a": jnp.arange(2.0), "b": jnp.array([1.0, -1.0, 3.0])}
+    ravel = lambda v: jax.flatten_util.ravel_pytree(v)[0]  # noqa: E731
+    unravel = jax.flatten_util.ravel_pytree(rhs)[1]
+    got = jax.jit(lambda r: conjugate_gradient(lambda v: unravel(m @ ravel(v)), r, steps=5))(rhs)
+    np.testing.assert_allclose(flat(got), np.linalg.solve(m, flat(rhs)), rtol=1e-9)
+
+
+def test_imaml_on_a_network_matches_a_dense_hessian_solve():
+    params = init_mlp(17, sizes=(1, 3, 1))
+    tasks = sine_tasks(18, n_tasks=2)
+    lam, steps, lr = 4.0, 100, 0.1
+    grad, _, _ = jax.jit(lambda p: imaml_gradient(mlp_loss, p, tasks, steps=steps, lr=lr, lam=lam, cg_steps=30))(
+        params)
+    flat_params, unravel = jax.flatten_util.ravel_pytree(params)
+
+    @jax.jit
+    def dense(task):
+        phi = jax.flatten_util.ravel_pytree(
+            proximal_adapt(mlp_loss, params, task.support, steps=steps, lr=lr, lam=lam))[0]
+        h = jax.hessian(lambda v: mlp_loss(unravel(v), task.support))(phi)
+        v = jax.grad(lambda v: mlp_loss(unravel(v), task.query))(phi)
+        return jnp.linalg.solve(jnp.eye(phi.size) + h / lam, v)
+
+    want = np.mean([dense(jax.tree.map(lambda t: t[i], tasks)) for i in range(2)], axis=0)
+    np.testing.assert_allclose(flat(grad), want, rtol=1e-6, atol=1e-9)
+
+
+# ----------------------------------------------------------------------------- Adam inner loop
+
+
+def test_differentiating_through_adam_needs_eps_root():
+    # Feature 1 is absent from the support set, so its weight's support gradient is exactly 0:
+    # Adam's sqrt(ν) sits at 0, whose derivative is infinite, unless eps_root > 0.
+    x = jnp.array([[1.0, 0.0], [2.0, 0.0], [-1.0, 0.0]])
+    xq = jnp.array([[1.0, 1.0], [0.5, -2.0]])
+    support, query = (x, x @ jnp.array([2.0, 1.0])), (xq, xq @ jnp.array([2.0, 1.0]))
+    loss = lambda w, b: jnp.mean((b[0] @ w - b[1]) ** 2)  # noqa: E731
+
+    def meta(w, eps_root):
+        adapted = inner_adapt(loss, w, support, steps=3, optimizer=optax.adam(0.1, eps_root=eps_root))
+        return loss(adapted, query)
+
+    w0 = jnp.array([0.5, 0.3])
+    good = jax.jit(jax.grad(lambda w: meta(w, 1e-8)))(w0)
+    assert np.all(np.isfinite(good))
+    np.testing.assert_allclose(good, finite_difference_grad(lambda w: meta(w, 1e-8), w0, eps=1e-7),
+                               rtol=1e-4, atol=1e-6)
+    bad = jax.jit(jax.grad(lambda w: meta(w, 0.0)))(w0)
+    assert not np.all(np.isfinite(bad))

@@ -1,0 +1,201 @@
+"""Omniglot end to end through the CLI: learning, evaluate, episode, kill -9 + resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+
+import numpy as np
+import pytest
+from conftest import REPO_ROOT, assert_one_line_error, assert_one_line_error_text, run_cli, run_in_process
+
+from experiments import omniglot
+
+QUICK = ["--preset", "quick", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def env(omniglot_dir, jaxmeta_cache_dir, omniglot_characters):
+    """The CLI's environment: the archives and the session's prepared cache."""
+    return {"JAXMETA_OMNIGLOT_DIR": str(omniglot_dir), "JAXMETA_CACHE_DIR": str(jaxmeta_cache_dir)}
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory, env):
+    out = tmp_path_factory.mktemp("omniglot") / "run"
+    proc = run_cli("experiments.omniglot", "train", "--ways", "5", "--shots", "1", "--algo", "maml", *QUICK,
+                   "--out", str(out), env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
+
+
+def test_quick_maml_learns_far_above_chance(quick_run):
+    out, proc = quick_run
+    evaluation = json.loads((out / "eval.json").read_text())
+    assert evaluation["tasks"] == 600 and evaluation["inner_steps"] == 3
+    assert evaluation["accuracy"] > 0.6, evaluation  # chance is 0.2
+    assert 0 < evaluation["ci95"] < 0.05
+    # Adaptation is what helps: accuracy before the first inner step is far lower.
+    assert evaluation["accuracy_per_step"][0] < evaluation["accuracy"] - 0.2
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 300
+    assert {"train/loss", "train/query_accuracy_post", "val/accuracy", "val/loss"} <= set(rows[-1])
+    assert (out / "curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads(proc.stdout.splitlines()[0])["accuracy"] == evaluation["accuracy"]
+
+
+def test_evaluate_command(quick_run, env):
+    out, _ = quick_run
+    proc = run_cli("experiments.omniglot", "evaluate", "--run", str(out), "--tasks", "100", "--inner-steps", "5",
+                   env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    printed = json.loads(proc.stdout.splitlines()[-1])
+    assert printed["tasks"] == 100 and printed["inner_steps"] == 5
+    assert 0.6 < printed["accuracy"] <= 1.0
+    assert json.loads((out / "eval.json").read_text())["accuracy"] == printed["accuracy"]
+
+
+def make_episode(root, omniglot_dir, *, classes=5, support=1, query=2, skip_query_class=False):
+    """A folder episode of real Omniglot PNGs (105x105, unpreprocessed) from held-out characters."""
+    with zipfile.ZipFile(omniglot_dir / "images_evaluation.zip") as zf:
+        names = sorted(n for n in zf.namelist() if n.endswith(".png"))
+        chars = sorted({os.path.dirname(n) for n in names})[:: 37][:classes]
+        for c, char in enumerate(chars):
+            files = [n for n in names if os.path.dirname(n) == char][: support + query]
+            for i, name in enumerate(files):
+                role = "support" if i < support else "query"
+                if role == "query" and skip_query_class and c == 0:
+                    continue
+                target = root / role / f"char{c}" / os.path.basename(name)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(zf.read(name))
+    return root / "support", root / "query"
+
+
+def test_episode_command_on_a_folder_episode(quick_run, env, omniglot_dir, tmp_path):
+    out, _ = quick_run
+    sdir, qdir = make_episode(tmp_path, omniglot_dir)
+    proc = run_cli("experiments.omniglot", "episode", "--run", str(out), "--support", str(sdir), "--query", str(qdir),
+                   env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    expected = sorted(str(p.relative_to(qdir)) for p in qdir.rglob("*.png"))
+    assert sorted(result["predictions"]) == expected
+    assert set(result["predictions"].values()) <= {f"char{c}" for c in range(5)}
+    correct = np.mean([pred == path.split("/")[0] for path, pred in result["predictions"].items()])
+    assert result["accuracy"] == pytest.approx(correct)
+
+
+def test_kill_minus_nine_then_resume_is_exact(tmp_path, env):
+    args = ["train", "--ways", "5", "--shots", "1", *QUICK, "--meta-steps", "30", "--log-every", "10",
+            "--checkpoint-every", "10", "--val-every", "10", "--val-tasks", "20", "--test-tasks", "50"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    proc = run_cli("experiments.omniglot", *args, "--out", str(straight), env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    child = subprocess.Popen([sys.executable, "-m", "experiments.omniglot", *args, "--out", str(killed)],
+                             cwd=REPO_ROOT, env={**os.environ, **env}, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while not (killed / "checkpoints" / "10").is_dir() and child.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    child.send_signal(signal.SIGKILL)
+    assert child.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (killed / "eval.json").exists()
+
+    proc = run_cli("experiments.omniglot", "train", "--resume", "--meta-steps", "30", "--no-progress",
+                   "--out", str(killed), env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (straight / "metrics.jsonl").read_text() == (killed / "metrics.jsonl").read_text()
+    a = json.loads((straight / "eval.json").read_text())
+    b = json.loads((killed / "eval.json").read_text())
+    assert a["accuracy_per_step"] == pytest.approx(b["accuracy_per_step"], abs=1e-6)
+
+    from jaxmeta import fewshot
+    from jaxmeta.checkpoint import latest_step
+
+    assert latest_step(str(straight)) == latest_step(str(killed)) == 30
+    config = fewshot.read_config(str(straight))
+    model, _, _ = fewshot.build(config)
+    _, pa = fewshot.load_params(str(straight), config, model, (28, 28, 1))
+    _, pb = fewshot.load_params(str(killed), config, model, (28, 28, 1))
+    import jax
+
+    for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=1e-6)
+
+
+@pytest.fixture
+def corrupt_archives(tmp_path):
+    bad = tmp_path / "bad_archives"
+    bad.mkdir()
+    for name in ("images_background.zip", "images_evaluation.zip"):
+        (bad / name).write_bytes(b"this is not a zip file")
+    return bad
+
+
+def test_bad_input_is_one_clear_line(tmp_path, env, quick_run, omniglot_dir, corrupt_archives, capsys, monkeypatch):
+    run_dir, _ = quick_run
+    out = str(tmp_path / "o")
+    fresh_cache = str(tmp_path / "empty_cache")
+    cases = [
+        (["train", "--ways", "5000", "--out", out], env, "ways=5000 exceeds"),
+        (["train", "--shots", "10", "--queries", "15", "--out", out], env, "exceeds the 20 examples"),
+        (["train", "--meta-steps", "0", "--out", out], env, "--meta-steps"),
+        (["train", "--inner-lr", "nan", "--out", out], env, "--inner-lr"),
+        (["train", "--algo", "maml3", "--out", out], env, "--algo"),
+        (["train", "--out", "/etc/passwd/run"], env, "cannot create output directory"),
+        (["train", "--data-dir", str(tmp_path / "nowhere"), "--cache-dir", fresh_cache, "--out", out], env,
+         "nowhere"),
+        (["train", "--data-dir", str(corrupt_archives), "--cache-dir", fresh_cache, "--out", out], env,
+         "images_background.zip"),
+        (["train", "--out", str(run_dir)], env, "already holds a run"),
+        (["train", "--resume", "--inner-lr", "0.1", "--out", str(run_dir)], env, "--inner-lr"),
+        (["train", "--resume", "--meta-steps", "100", "--out", str(run_dir)], env, "already ran 300"),
+        (["train", "--resume", "--out", str(tmp_path / "new")], env, "config.json is missing"),
+        (["evaluate", "--run", str(tmp_path / "missing")], env, "does not exist"),
+    ]
+    for args, e, fragment in cases[:2]:  # two through a real process: exit code, one line, no traceback
+        proc = run_cli("experiments.omniglot", *args, env=e, timeout=300)
+        assert_one_line_error(proc, fragment)
+    for args, e, fragment in cases[2:]:  # the rest through the same entry point, in this process (faster)
+        code, stderr = run_in_process(omniglot.main, args, capsys, env=e, monkeypatch=monkeypatch)
+        assert_one_line_error_text(code, stderr, fragment)
+    assert not os.path.exists(fresh_cache) or not any(p.suffix == ".npz" for p in __import__("pathlib").Path(
+        fresh_cache).rglob("*"))
+
+
+def test_episode_bad_folders(tmp_path, env, quick_run, omniglot_dir, capsys, monkeypatch):
+    run_dir, _ = quick_run
+    empty = tmp_path / "empty"
+    (empty / "support" / "a").mkdir(parents=True)
+    (empty / "query" / "a").mkdir(parents=True)
+    cases = [
+        (make_episode(tmp_path / "mismatch", omniglot_dir, skip_query_class=True), "classes differ"),
+        ((empty / "support", empty / "query"), "no images"),
+        (make_episode(tmp_path / "too_many", omniglot_dir, classes=7), "7 classes"),
+        ((tmp_path / "absent", tmp_path / "absent"), "absent"),
+    ]
+    for (sdir, qdir), fragment in cases:
+        args = ["episode", "--run", str(run_dir), "--support", str(sdir), "--query", str(qdir)]
+        code, stderr = run_in_process(omniglot.main, args, capsys, env=env, monkeypatch=monkeypatch)
+        assert_one_line_error_text(code, stderr, fragment)
+
+
+def test_corrupt_checkpoint_is_refused_and_left_alone(tmp_path, env, quick_run):
+    run_dir, _ = quick_run
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    for path in (copy / "checkpoints").rglob("*"):
+        if path.is_file() and path.stat().st_size > 0 and "identity" not in str(path):
+            path.write_bytes(b"\0" * 16)
+    before = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+    proc = run_cli("experiments.omniglot", "evaluate", "--run", str(copy), env=env)
+    assert_one_line_error(proc, "checkpoint")
+    assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before
