@@ -42,7 +42,7 @@ class SinusoidConfig:
     inner_lr: float = 0.01
     outer_lr: float = 1e-3
     reptile_inner_steps: int = 5
-    reptile_inner_lr: float = 0.02
+    reptile_inner_lr: float = 0.01
     reptile_epsilon: float = 0.1
     eval_shots: tuple[int, ...] = (5, 10, 20)
     eval_steps: tuple[int, ...] = (1, 5, 10)

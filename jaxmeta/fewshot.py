@@ -29,6 +29,7 @@ from jaxmeta import checkpoint as ckpt
 from jaxmeta.algorithms.anil import flax_anil_fns
 from jaxmeta.algorithms.registry import ALGORITHMS, adaptation, make_learner
 from jaxmeta.data import episodes
+from jaxmeta.distributed import check_meta_batch, task_mesh
 from jaxmeta.errors import CheckpointError, ConfigError, DataError
 from jaxmeta.evaluation import evaluate as evaluate_tasks
 from jaxmeta.inner import adapt_and_observe
@@ -132,12 +133,13 @@ class FewShotConfig:
     val_every: int = 1_000
     checkpoint_every: int = 1_000
     max_bad_steps: int = 20
+    devices: int | None = None
     data_dir: str | None = None
     cache_dir: str | None = None
 
     IDENTITY_EXCLUDE = ("meta_steps", "log_every", "val_every", "checkpoint_every", "max_bad_steps",
                         "data_dir", "cache_dir", "test_tasks", "val_tasks", "test_inner_steps", "chunk_size",
-                        "eval_queries")
+                        "eval_queries", "devices")
 
     def identity(self) -> dict:
         """The fields a checkpoint must agree on to be resumed (model, task, algorithm)."""
@@ -310,6 +312,8 @@ def train_and_evaluate(config: FewShotConfig, run_dir: str, *, resume: bool = Fa
     ``RUN/curve.png`` and ``RUN/eval.json``; returns the evaluation.
     """
     config.validate()
+    mesh = task_mesh(config.devices)
+    check_meta_batch(config.meta_batch, mesh)
     existing = ckpt.latest_step(run_dir)
     if resume:
         if existing is None:
@@ -355,6 +359,7 @@ def train_and_evaluate(config: FewShotConfig, run_dir: str, *, resume: bool = Fa
         identity=config.identity(),
         max_bad_steps=config.max_bad_steps,
         progress=progress,
+        mesh=mesh,
         desc=f"{config.dataset} {config.ways}-way {config.shots}-shot {config.algo}",
     )
     plot_curve(read_jsonl(os.path.join(run_dir, METRICS_FILE)), os.path.join(run_dir, "curve.png"),
@@ -418,9 +423,9 @@ def episode(run_dir: str, support_dir: str, query_dir: str, *, inner_steps: int 
     params, lr = adaptation(config.algo, meta_params, config.inner_lr)
     support = tuple(jnp.asarray(a) for a in task.support)
     query_x = jnp.asarray(task.query[0])
-    if spec.normalize is not None:
-        support = (spec.normalize(support[0]), support[1])
-        query_x = spec.normalize(query_x)
+    if spec.normalize is not None:  # the folder loader returns floats holding the data set's uint8 values
+        support = (spec.normalize(support[0].astype(jnp.uint8)), support[1])
+        query_x = spec.normalize(query_x.astype(jnp.uint8))
     adapted, _ = adapt_and_observe(loss_fn, params, support, steps=steps, lr=lr, has_aux=True)
     logits = model.apply({"params": adapted}, query_x)
     predicted = np.asarray(jnp.argmax(logits[:, : len(class_names)], axis=-1))

@@ -9,6 +9,7 @@ from typing import Callable, Sequence
 
 from jaxmeta import fewshot
 from jaxmeta.algorithms.registry import ALGORITHMS
+from jaxmeta.distributed import initialize as initialize_distributed
 from jaxmeta.cli import ArgumentParser, nonnegative_int, positive_float, positive_int, writable_dir
 from jaxmeta.errors import ConfigError
 from jaxmeta.models.conv4 import CONV_IMPLS
@@ -19,7 +20,7 @@ PresetFn = Callable[[str, int, int], dict]
 # CLI flag → FewShotConfig field, for the flags that override a preset.
 OVERRIDES = ("meta_steps", "meta_batch", "queries", "inner_steps", "inner_lr", "test_inner_steps", "outer_lr",
              "seed", "split", "data_dir", "cache_dir", "conv_impl", "chunk_size", "log_every", "val_every",
-             "checkpoint_every", "max_bad_steps", "val_tasks", "test_tasks", "eval_queries", "remat")
+             "checkpoint_every", "max_bad_steps", "val_tasks", "test_tasks", "eval_queries", "remat", "devices")
 
 
 def build_parser(dataset: str, presets: Sequence[str], data_env: str) -> ArgumentParser:
@@ -56,6 +57,8 @@ def build_parser(dataset: str, presets: Sequence[str], data_env: str) -> Argumen
     t.add_argument("--checkpoint-every", type=positive_int)
     t.add_argument("--max-bad-steps", type=positive_int,
                    help="stop after this many consecutive non-finite meta-steps")
+    t.add_argument("--devices", type=positive_int,
+                   help="devices to shard the task batch over (default: all local devices)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out up to --meta-steps")
     t.add_argument("--out", required=True, help="run directory")
     t.add_argument("--no-progress", action="store_true")
@@ -93,7 +96,7 @@ def resumed_config(run_dir: str, args) -> fewshot.FewShotConfig:
     """A resumed run keeps its stored configuration; only the budget and bookkeeping may change."""
     config = fewshot.read_config(run_dir)
     changeable = ("meta_steps", "log_every", "val_every", "checkpoint_every", "max_bad_steps", "data_dir",
-                  "cache_dir", "chunk_size", "test_tasks", "val_tasks", "test_inner_steps", "eval_queries")
+                  "cache_dir", "chunk_size", "test_tasks", "val_tasks", "test_inner_steps", "eval_queries", "devices")
     updates = {k: getattr(args, k) for k in changeable if getattr(args, k, None) is not None}
     fixed = [k for k in OVERRIDES if k not in changeable and getattr(args, k, None) is not None
              and getattr(args, k) != getattr(config, k)]
@@ -111,6 +114,7 @@ def main(dataset: str, preset: PresetFn, presets: Sequence[str], data_env: str,
     """Parses ``argv`` and runs one command; returns its result."""
     parser = build_parser(dataset, presets, data_env)
     args = parser.parse_args(argv)
+    initialize_distributed()
     if args.command == "train":
         out = writable_dir(args.out)
         config = resumed_config(out, args) if args.resume else config_from_args(dataset, preset, args)

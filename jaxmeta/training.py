@@ -18,9 +18,11 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from jaxmeta import checkpoint as ckpt
 from jaxmeta.algorithms.base import MetaLearner, MetaState
+from jaxmeta.distributed import replicate, shard_tasks
 from jaxmeta.errors import CheckpointError, JaxmetaError
 from jaxmeta.io import read_jsonl, write_jsonl
 from jaxmeta.types import Params, PRNGKey, Task
@@ -67,16 +69,23 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
-def guarded_step(learner: MetaLearner, sample_tasks: Callable[[PRNGKey, Any], Task], data: Any = None):
+def guarded_step(
+    learner: MetaLearner,
+    sample_tasks: Callable[[PRNGKey, Any], Task],
+    data: Any = None,
+    mesh: Mesh | None = None,
+):
     """One meta-iteration that skips (and counts) non-finite updates.
 
     A step whose meta-loss or new state is not finite leaves the meta-state
-    unchanged; the sampler key advances either way.
+    unchanged; the sampler key advances either way. With a ``mesh``, the task
+    batch is split over its devices.
     """
 
     def step(state: TrainState, _=None):
         key, sub = jax.random.split(state.key)
-        new_meta, metrics = learner.step(state.meta, sample_tasks(sub, data))
+        tasks = shard_tasks(sample_tasks(sub, data), mesh)
+        new_meta, metrics = learner.step(state.meta, tasks)
         ok = jnp.isfinite(metrics["loss"]) & _all_finite(new_meta)
         meta = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_meta, state.meta)
         bad = jnp.logical_not(ok).astype(jnp.int32)
@@ -92,15 +101,18 @@ def guarded_step(learner: MetaLearner, sample_tasks: Callable[[PRNGKey, Any], Ta
     return step
 
 
-def make_train_chunk(learner: MetaLearner, sample_tasks: Callable[[PRNGKey, Any], Task]):
+def make_train_chunk(
+    learner: MetaLearner, sample_tasks: Callable[[PRNGKey, Any], Task], mesh: Mesh | None = None
+):
     """``run(state, data, n) -> (state, metrics stacked over n steps)``, compiled per ``n``.
 
     ``data`` (e.g. the training images on the device) is an argument of the
-    compiled program rather than a constant baked into it.
+    compiled program rather than a constant baked into it.  With a ``mesh``
+    the task batch of every step is sharded over its devices.
     """
 
     def run(state: TrainState, data: Any, n: int):
-        return jax.lax.scan(guarded_step(learner, sample_tasks, data), state, None, length=n)
+        return jax.lax.scan(guarded_step(learner, sample_tasks, data, mesh), state, None, length=n)
 
     return jax.jit(run, static_argnums=2)
 
@@ -145,6 +157,7 @@ def train(
     max_bad_steps: int = 20,
     progress: bool = True,
     desc: str = "meta-train",
+    mesh: Mesh | None = None,
 ) -> TrainResult:
     """Meta-trains ``learner`` from ``params`` for ``meta_steps`` meta-iterations.
 
@@ -165,12 +178,15 @@ def train(
       checkpoint_every: checkpoint period (multiple of ``log_every``); the
         final step is always checkpointed when ``out_dir`` is given.
       keep_checkpoints: how many checkpoints to keep.
-      resume: continue from the newest checkpoint in ``out_dir``.
+      resume: continue from the newest checkpoint in ``out_dir`` (from scratch
+        when there is none).
       identity: the run's model/task configuration, stored with checkpoints;
         resuming from a checkpoint with a different one is refused.
       max_bad_steps: stop after this many consecutive non-finite meta-steps.
       progress: show a progress bar with ETA and running metrics.
       desc: the progress bar's label.
+      mesh: a one-axis device mesh (:func:`jaxmeta.distributed.task_mesh`);
+        the task batch is sharded over it, data and state are replicated.
 
     Returns:
       A :class:`TrainResult` with the final state, the logged rows, and the
@@ -196,7 +212,7 @@ def train(
             raise CheckpointError(
                 f"{out_dir} already holds a run (checkpoint at step {existing}): resume it or choose another output directory"
             )
-        if resume:
+        if resume and existing is not None:
             last_ckpt, state = ckpt.restore(out_dir, jax.eval_shape(lambda: state), identity)
             history = [row for row in read_jsonl(metrics_path) if row["step"] <= last_ckpt]
         mngr = ckpt.manager(out_dir, keep=keep_checkpoints)
@@ -206,7 +222,8 @@ def train(
 
     validate_every = period(validate_every)
     checkpoint_every = period(checkpoint_every)
-    run_chunk = make_train_chunk(learner, sample_tasks)
+    run_chunk = make_train_chunk(learner, sample_tasks, mesh)
+    state, data = replicate(state, mesh), replicate(data, mesh)
     start_step = int(state.step)
     started = time.perf_counter()
     bar = tqdm(total=meta_steps, initial=start_step, desc=desc, disable=not progress, dynamic_ncols=True)

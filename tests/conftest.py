@@ -71,7 +71,7 @@ def assert_one_line_error(proc, *fragments: str) -> None:
 
 
 def run_in_process(main, argv, capsys, env: dict | None = None, monkeypatch=None):
-    """Runs a CLI ``main`` through ``jaxmeta.cli.run`` in this process: ``(exit code, stderr)``."""
+    """Runs a CLI ``main`` through ``jaxmeta.cli.run`` in this process: ``(exit code, stderr, stdout)``."""
     from jaxmeta.cli import run
 
     if env and monkeypatch is not None:
@@ -83,7 +83,8 @@ def run_in_process(main, argv, capsys, env: dict | None = None, monkeypatch=None
         code = 0
     except SystemExit as e:
         code = e.code
-    return code, capsys.readouterr().err
+    captured = capsys.readouterr()
+    return code, captured.err, captured.out
 
 
 def assert_one_line_error_text(code, stderr: str, *fragments: str) -> None:

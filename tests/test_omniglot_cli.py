@@ -160,12 +160,13 @@ def test_bad_input_is_one_clear_line(tmp_path, env, quick_run, omniglot_dir, cor
         (["train", "--resume", "--meta-steps", "100", "--out", str(run_dir)], env, "already ran 300"),
         (["train", "--resume", "--out", str(tmp_path / "new")], env, "config.json is missing"),
         (["evaluate", "--run", str(tmp_path / "missing")], env, "does not exist"),
+        (["train", "--devices", "3", "--out", out], env, "only 1 are available"),
     ]
     for args, e, fragment in cases[:2]:  # two through a real process: exit code, one line, no traceback
         proc = run_cli("experiments.omniglot", *args, env=e, timeout=300)
         assert_one_line_error(proc, fragment)
     for args, e, fragment in cases[2:]:  # the rest through the same entry point, in this process (faster)
-        code, stderr = run_in_process(omniglot.main, args, capsys, env=e, monkeypatch=monkeypatch)
+        code, stderr, _ = run_in_process(omniglot.main, args, capsys, env=e, monkeypatch=monkeypatch)
         assert_one_line_error_text(code, stderr, fragment)
     assert not os.path.exists(fresh_cache) or not any(p.suffix == ".npz" for p in __import__("pathlib").Path(
         fresh_cache).rglob("*"))
@@ -184,7 +185,7 @@ def test_episode_bad_folders(tmp_path, env, quick_run, omniglot_dir, capsys, mon
     ]
     for (sdir, qdir), fragment in cases:
         args = ["episode", "--run", str(run_dir), "--support", str(sdir), "--query", str(qdir)]
-        code, stderr = run_in_process(omniglot.main, args, capsys, env=env, monkeypatch=monkeypatch)
+        code, stderr, _ = run_in_process(omniglot.main, args, capsys, env=env, monkeypatch=monkeypatch)
         assert_one_line_error_text(code, stderr, fragment)
 
 
