@@ -11,8 +11,16 @@ scale and bias, and keeps no running statistics.  ``init`` therefore returns
 only a ``params`` collection, so the network can be differentiated through an
 inner loop (grad of grad) and vmapped over tasks with per-task parameters.
 Because the statistics come from the batch, the support set and the query set of
-a task are each normalised with their own statistics, and predictions for one
-example depend on the other examples of the same call.
+a task are each normalised with their own statistics (per task when vmapped over
+tasks), and predictions for one example depend on the other examples of the same
+call.
+
+Differences from the MAML reference code: the batch norm has a learnable scale
+as well as a bias (the reference's ``tf.contrib.layers.batch_norm`` only learns a
+bias), the convolutions have no bias (batch norm cancels it), and both variants
+end with a global mean pool over space (the reference flattens the 5x5x32
+Mini-ImageNet features instead).  Convolution kernels use Glorot-uniform
+initialisation as in the reference; the head uses Flax's ``Dense`` default.
 
 Two convolution implementations share one parameter layout (an HWIO kernel
 ``[3, 3, C_in, C_out]``), so parameters are interchangeable between them:
@@ -300,6 +308,10 @@ class Conv4(nn.Module):
 
         Returns:
           Logits ``[N, ways]``.
+
+        Raises:
+          ValueError: At trace time, if ``x`` is not 4-D or is too small for
+            four blocks (a block would leave no spatial positions).
         """
         if x.ndim != 4:
             raise ValueError(f"Conv4 expects [N, H, W, C] inputs, got shape {x.shape}")
