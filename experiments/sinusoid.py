@@ -162,16 +162,18 @@ def evaluate_algorithm(config: SinusoidConfig, algo: str, meta_params, pool) -> 
     """MSE on the fixed test tasks: ``{K: {steps: {"mean", "ci95"}}}``, full curves and rates used."""
     _, x, y = pool
     loss_fn = regression_loss(MLP())
-    out, curves, rates = {}, {}, {}
+    out, medians, curves, rates = {}, {}, {}, {}
     for shots in config.eval_shots:
         inner_lr = rates[str(shots)] = tuned_lr(config, algo, meta_params, shots)
         params, lr = adaptation(algo, meta_params, inner_lr, head=ANIL_HEAD)
         tasks = sinusoid.pool_tasks(x, y, shots=shots, queries=config.query_points)
         result = evaluate(loss_fn, params, tasks, steps=max(config.eval_steps), lr=lr)
         mean, ci = np.asarray(result.mean["loss"]), np.asarray(result.ci95["loss"])
+        median = np.median(np.asarray(result.per_task["loss"]), axis=0)
         out[str(shots)] = {str(s): {"mean": float(mean[s]), "ci95": float(ci[s])} for s in config.eval_steps}
+        medians[str(shots)] = {str(s): float(median[s]) for s in config.eval_steps}
         curves[str(shots)] = {"mean": mean.tolist(), "ci95": ci.tolist()}
-    return {"mse": out, "curves": curves, "test_lr": rates}
+    return {"mse": out, "median_mse": medians, "curves": curves, "test_lr": rates}
 
 
 def run_experiment(
@@ -182,7 +184,7 @@ def run_experiment(
     started = time.perf_counter()
     pool = sinusoid.test_pool(jax.random.PRNGKey(1_000 + config.seed), num_tasks=config.test_tasks,
                               points=config.test_points)
-    results = {"mse": {}, "curves": {}, "test_lr": {}, "train_seconds": {}, "history": {}}
+    results = {"mse": {}, "median_mse": {}, "curves": {}, "test_lr": {}, "train_seconds": {}, "history": {}}
     trained = {}
     for algo in algos:
         params, history, seconds = train_algorithm(
@@ -192,6 +194,7 @@ def run_experiment(
         scores = evaluate_algorithm(config, algo, params, pool)
         results["mse"][algo] = scores["mse"]
         results["curves"][algo] = scores["curves"]
+        results["median_mse"][algo] = scores["median_mse"]
         results["test_lr"][algo] = scores["test_lr"]
         results["train_seconds"][algo] = seconds
         results["history"][algo] = history
@@ -208,13 +211,15 @@ def run_experiment(
 
 
 def format_table(results: dict) -> str:
-    """The MSE table (mean ± 95% CI) as text."""
+    """The MSE table (mean ± 95% CI, and the median over tasks) as text."""
     config = results["config"]
-    header = ["algo", "K"] + [f"{s} step{'s' * (s > 1)}" for s in config["eval_steps"]]
+    header = ["algo", "K"] + [f"{s} step{'s' * (s > 1)}" for s in config["eval_steps"]] + ["median (same steps)"]
     rows = [header]
     for algo, by_shots in results["mse"].items():
         for shots, by_steps in by_shots.items():
-            rows.append([algo, shots] + [f"{v['mean']:.3f} ± {v['ci95']:.3f}" for v in by_steps.values()])
+            medians = " / ".join(f"{v:.3f}" for v in results["median_mse"][algo][shots].values())
+            rows.append([algo, shots] + [f"{v['mean']:.3f} ± {v['ci95']:.3f}" for v in by_steps.values()]
+                        + [medians])
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
 
