@@ -1,0 +1,287 @@
+"""Meta-step performance: compile time, step time, peak memory, FLOPs, fraction of the matmul peak.
+
+    python -m experiments.benchmark --task sinusoid|omniglot [--ways N] [--shots K] [--queries Q]
+        [--meta-batch B] [--inner-steps S] [--algo maml|fomaml|reptile|pretrain] [--remat]
+        [--chunk-size C] [--conv-impl auto|patches|native] [--json OUT] [--torch]
+    python -m experiments.benchmark --sweep [--quick] [--out DIR] [--settings ...] [--algos ...] [--torch]
+
+One configuration: compiles the meta-step ahead of time (trace + lower +
+compile), times it one meta-step per dispatch and many per dispatch (the
+compiled training loop), tasks sampled on the device inside the timed step,
+reads XLA's memory analysis and counts the FLOPs, and measures the fp32 matmul
+peak of the machine in the same process.  ``--json OUT`` writes the result.
+
+The sweep runs algorithms x inner steps {1, 5, 10, 25} x remat {off, on} for
+Omniglot 5-way 1-shot (B 32, Q 15), 20-way 1-shot (B 16, Q 15) and the
+sinusoid, and writes ``DIR/sweep.json``, ``DIR/sweep.md``,
+``DIR/time_vs_steps.png`` and ``DIR/memory_vs_steps.png``.
+
+``--torch`` (needs PyTorch) adds the PyTorch reference of the Omniglot 5-way
+1-shot B32 Q15 one-step second-order MAML step (torch.func and an autograd
+loop), checks its meta-gradient against JAX's, and reports JAX/torch ratios.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Sequence
+
+from jaxmeta.algorithms.registry import ALGORITHMS
+from jaxmeta.cli import ArgumentParser, choice_list, int_list, positive_float, positive_int, run, writable_dir
+from jaxmeta.errors import ConfigError
+
+TORCH_CONFIG = dict(task="omniglot", algo="maml", ways=5, shots=1, queries=15, meta_batch=32, inner_steps=1,
+                    remat=False, chunk_size=None)
+"""The configuration the PyTorch comparison is made on."""
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def build_parser() -> ArgumentParser:
+    from jaxmeta import benchmarking as bm
+    from jaxmeta.models import CONV_IMPLS
+
+    parser = ArgumentParser(prog="python -m experiments.benchmark", description=__doc__.split("\n")[0])
+    parser.add_argument("--task", choices=bm.TASKS, default="omniglot")
+    parser.add_argument("--algo", choices=ALGORITHMS, default="maml")
+    parser.add_argument("--ways", type=positive_int, default=5, help="classes per task (Omniglot)")
+    parser.add_argument("--shots", type=positive_int, help="support examples per class (default 1; sinusoid 10)")
+    parser.add_argument("--queries", type=positive_int,
+                        help="query examples per class (default 15; sinusoid 10 points)")
+    parser.add_argument("--meta-batch", type=positive_int, help="tasks per meta-step (default 32; sinusoid 25)")
+    parser.add_argument("--inner-steps", type=positive_int, default=1)
+    parser.add_argument("--inner-lr", type=positive_float, help="default 0.4 (Omniglot), 0.01 (sinusoid)")
+    parser.add_argument("--outer-lr", type=positive_float, default=1e-3)
+    parser.add_argument("--remat", action="store_true",
+                        help="rematerialise inner steps (algorithms that differentiate through them)")
+    parser.add_argument("--chunk-size", type=positive_int,
+                        help="tasks per lax.map chunk (default: vmap over the whole meta-batch)")
+    parser.add_argument("--conv-impl", choices=CONV_IMPLS, default="auto")
+    parser.add_argument("--classes", type=positive_int, default=1200,
+                        help="classes in the random Omniglot image pool")
+    parser.add_argument("--repeats", type=positive_int, help="timed one-step dispatches (default 10)")
+    parser.add_argument("--warmup", type=positive_int, help="untimed dispatches before timing (default 2)")
+    parser.add_argument("--steps-per-dispatch", type=positive_int,
+                        help="meta-steps per dispatch in the many-steps timing (default 10; sweep 5)")
+    parser.add_argument("--dispatch-repeats", type=positive_int,
+                        help="timed many-step dispatches (default 3; sweep 2)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", metavar="OUT", help="write the result as JSON (atomically)")
+    parser.add_argument("--torch", action="store_true",
+                        help="add the PyTorch comparison (5-way 1-shot B32 Q15, 1 step, second order)")
+    parser.add_argument("--torch-repeats", type=positive_int, default=5, help="timed torch meta-steps per style")
+    parser.add_argument("--sweep", action="store_true", help="run the sweep instead of one configuration")
+    parser.add_argument("--quick", action="store_true", help="a small sweep: inner steps 1 and 5, fewer timings")
+    parser.add_argument("--out", default="runs/benchmark", help="sweep output directory")
+    parser.add_argument("--settings", type=choice_list(tuple(bm.SWEEP_SETTINGS)), default=tuple(bm.SWEEP_SETTINGS),
+                        help="sweep settings, comma-separated subset of " + ",".join(bm.SWEEP_SETTINGS))
+    parser.add_argument("--algos", type=choice_list(ALGORITHMS), default=bm.SWEEP_ALGOS,
+                        help="sweep algorithms (default " + ",".join(bm.SWEEP_ALGOS) + "), comma-separated subset of "
+                        + ",".join(ALGORITHMS))
+    parser.add_argument("--steps-list", type=int_list, default=bm.SWEEP_STEPS,
+                        help="sweep inner steps, comma-separated (default 1,5,10,25)")
+    return parser
+
+
+TIMING_OPTIONS = ("repeats", "warmup", "steps_per_dispatch", "dispatch_repeats")
+
+
+def _timing_overrides(args) -> dict:
+    """The timing options given on the command line (the rest keep their defaults)."""
+    return {k: getattr(args, k) for k in TIMING_OPTIONS if getattr(args, k) is not None}
+
+
+def config_from_args(args):
+    from jaxmeta.benchmarking import BenchConfig
+
+    sinus = args.task == "sinusoid"
+    config = BenchConfig(
+        task=args.task,
+        algo=args.algo,
+        ways=args.ways,
+        shots=args.shots or (10 if sinus else 1),
+        queries=args.queries or (10 if sinus else 15),
+        meta_batch=args.meta_batch or (25 if sinus else 32),
+        inner_steps=args.inner_steps,
+        remat=args.remat,
+        chunk_size=args.chunk_size,
+        conv_impl=args.conv_impl,
+        inner_lr=args.inner_lr,
+        outer_lr=args.outer_lr,
+        classes=args.classes,
+        seed=args.seed,
+        **_timing_overrides(args),
+    )
+    config.validate()
+    return config
+
+
+def _torch_module():
+    try:
+        from experiments import torch_reference
+    except ImportError as e:
+        raise ConfigError(f"--torch needs PyTorch ({e}); install it with: pip install torch==2.13.0") from None
+    return torch_reference
+
+
+def _jax_contestants(steps_per_dispatch: int, log) -> dict:
+    """The JAX meta-step of the torch configuration as ``name -> (run, steps per run)`` closures."""
+    import jax
+
+    from jaxmeta import benchmarking as bm
+    from jaxmeta.training import init_train_state
+
+    problem = bm.build_problem(bm.BenchConfig(**TORCH_CONFIG))
+    state = [init_train_state(problem.learner, problem.params, jax.random.PRNGKey(1))]
+    one, many = bm.step_programs(problem, steps_per_dispatch)
+    log("compiling the JAX programs for the interleaved comparison")
+    programs = {"jax_one_per_dispatch": (one.lower(state[0], problem.data).compile(), 1),
+                f"jax_{steps_per_dispatch}_per_dispatch": (many.lower(state[0], problem.data).compile(),
+                                                          steps_per_dispatch)}
+
+    def runner(compiled):
+        def run_once():
+            out = compiled(state[0], problem.data)
+            jax.block_until_ready(out)
+            state[0] = out[0]
+        return run_once
+
+    return {name: (runner(c), n) for name, (c, n) in programs.items()}
+
+
+def torch_comparison(jax_result: dict | None, args) -> dict:
+    """Times the torch reference round-robin with the JAX step of the same configuration.
+
+    The JAX/torch ratios come from these interleaved timings (the load of a
+    shared machine hits every contestant alike); ``jax_result``, when it is
+    the same configuration, is reported beside them.
+    """
+    torch_reference = _torch_module()
+    steps = args.steps_per_dispatch or 5
+    log = lambda m: _say(f"[torch] {m}")  # noqa: E731
+    others = _jax_contestants(steps, log)
+    report = torch_reference.compare(repeats=args.torch_repeats, log=log, others=others)
+    jax_ms = {name: row["ms_per_step"] for name, row in report["others"].items() if "ms_per_step" in row}
+    best_jax = min(jax_ms.values())
+    report["jax_ms_per_step"] = jax_ms
+    report["jax_best_ms_per_step"] = best_jax
+    if jax_result is not None and all(jax_result["config"].get(k) == v for k, v in TORCH_CONFIG.items()):
+        report["jax_benchmark_ms_per_step"] = jax_result["ms_per_step"]
+    for style, row in report["styles"].items():
+        if not row.get("ms_per_step"):
+            continue
+        row["speedup_jax_vs_torch"] = row["ms_per_step"] / best_jax
+        row["speedup_by_jax_program"] = {name: row["ms_per_step"] / ms for name, ms in jax_ms.items()}
+        row["ratio_jax_over_torch"] = best_jax / row["ms_per_step"]
+        _say(f"[torch] {style}: {row['ms_per_step']:.4g} ms/step; JAX ({best_jax:.4g} ms/step) is "
+             f"{row['speedup_jax_vs_torch']:.2f}x faster; gradient check: {row['grad_check']['verdict']}")
+    return report
+
+
+def run_single(args) -> dict:
+    from jaxmeta import benchmarking as bm
+    from jaxmeta.io import write_json
+
+    config = config_from_args(args)
+    if args.torch:
+        _torch_module()  # fail early, before minutes of JAX measurements
+    if args.json:
+        writable_dir(os.path.dirname(os.path.abspath(args.json)))
+    _say("measuring the fp32 matmul peak")
+    peak = bm.matmul_peak_gflops()
+    _say(f"  matmul peak {peak['peak_gflops']:.1f} GFLOP/s (median {peak['median_gflops']:.1f})")
+    _say(config.label())
+    result = bm.benchmark(config, matmul_peak=peak, log=lambda m: _say(f"  {m}"))
+    _say("  " + bm.summary_line(result))
+    if args.torch:
+        result["torch"] = torch_comparison(result, args)
+    if args.json:
+        write_json(args.json, result)
+        _say(f"wrote {args.json}")
+    print(bm.summary_line(result))
+    return result
+
+
+def run_sweep(args) -> dict:
+    from jaxmeta import benchmarking as bm
+    from jaxmeta.io import atomic_write_text, write_json
+
+    if args.torch:
+        _torch_module()
+    out_dir = writable_dir(args.out)
+    overrides = {k: getattr(args, k) for k in ("conv_impl", "classes", "seed")}
+    overrides.update(_timing_overrides(args))
+    if args.chunk_size:
+        overrides["chunk_size"] = args.chunk_size
+    configs = bm.sweep_configs(args.settings, args.algos, args.steps_list, quick=args.quick, **overrides)
+    for c in configs:
+        c.validate()
+    started = time.perf_counter()
+    _say("measuring the fp32 matmul peak")
+    peak = bm.matmul_peak_gflops()
+    _say(f"  matmul peak {peak['peak_gflops']:.1f} GFLOP/s (median {peak['median_gflops']:.1f})")
+    results = []
+    sweep = {"results": results, "matmul_peak": peak, "device": bm.device_description(), "quick": args.quick}
+
+    def save():
+        sweep["targets"] = bm.check_targets(results, sweep.get("torch"))
+        sweep["wall_s"] = time.perf_counter() - started
+        write_json(os.path.join(out_dir, "sweep.json"), sweep)
+        md = ["# jaxmeta benchmark sweep\n",
+              f"Device: {sweep['device']['backend']} ({sweep['device']['device_kind']}, "
+              f"{sweep['device']['cpu_count']} CPU cores), jax {sweep['device']['jax']}; "
+              f"fp32 matmul peak {peak['peak_gflops']:.1f} GFLOP/s (2048x2048, best of {len(peak['times_s'])}).\n",
+              "ms/step (many/dispatch): meta-steps run in one compiled scan; 1/dispatch: one meta-step per call. "
+              "Peak: XLA memory analysis (temp + arguments + outputs); step MiB excludes the image pool.\n",
+              bm.format_table(results), "\n## Targets\n", bm.format_targets(sweep["targets"])]
+        if sweep.get("torch"):
+            md.append("\n## PyTorch comparison (5-way 1-shot B32 Q15, 1 step, second order)\n")
+            md.append(_torch_markdown(sweep["torch"]))
+        atomic_write_text(os.path.join(out_dir, "sweep.md"), "\n".join(md))
+
+    for i, config in enumerate(configs, 1):
+        _say(f"[{i}/{len(configs)}] {config.label()}")
+        result = bm.benchmark(config, matmul_peak=peak, log=lambda m: _say(f"    {m}"))
+        result.pop("matmul_peak", None)
+        results.append(result)
+        _say(f"[{i}/{len(configs)}] {bm.summary_line(result)}")
+        save()
+    if args.torch:
+        base = next((r for r in results if all(r["config"].get(k) == v for k, v in TORCH_CONFIG.items())), None)
+        sweep["torch"] = torch_comparison(base, args)
+    save()
+    for name, metric in (("time_vs_steps.png", "time"), ("memory_vs_steps.png", "memory")):
+        bm.plot_vs_steps(results, os.path.join(out_dir, name), metric=metric)
+    print(bm.format_table(results))
+    print(bm.format_targets(sweep["targets"]))
+    print(f"wrote {out_dir}/sweep.json, sweep.md, time_vs_steps.png, memory_vs_steps.png "
+          f"in {sweep['wall_s']:.0f} s")
+    return sweep
+
+
+def _torch_markdown(report: dict) -> str:
+    names = list(report["jax_ms_per_step"])
+    head = "| style | ms/step | " + " | ".join(f"speed-up of {n}" for n in names) + " | gradient check |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for name in names:
+        lines.append(f"| {name} | {report['jax_ms_per_step'][name]:.4g} (JAX) |" + " |" * len(names) + " |")
+    for style, row in report["styles"].items():
+        if not row.get("ms_per_step"):
+            lines.append(f"| {style} | failed: {row.get('error', '?')} |" + " |" * len(names) + " |")
+            continue
+        ups = " | ".join(f"{row['speedup_by_jax_program'][n]:.2f}x" for n in names)
+        lines.append(f"| {style} | {row['ms_per_step']:.4g} | {ups} | {row['grad_check']['verdict']} |")
+    return "\n".join(lines) + "\n\nTimed round-robin in one process (same load for all); " + report["note"] + ".\n"
+
+
+def main(argv: Sequence[str] | None = None):
+    args = build_parser().parse_args(argv)
+    return run_sweep(args) if args.sweep else run_single(args)
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,764 @@
+"""Performance measurement of meta-steps: compile time, step time, memory, FLOPs.
+
+Everything :mod:`experiments.benchmark` reports is computed here, in one
+process per call of :func:`benchmark`:
+
+* **compile time** of one meta-step (trace + lower + XLA compile, ahead of
+  time, so no step time is mixed in);
+* **step time**, median and spread, for one meta-step per dispatch and for many
+  meta-steps per dispatch (the ``lax.scan`` of :func:`jaxmeta.training.make_train_chunk`),
+  tasks sampled on the device inside the timed program, every call blocked on
+  with :func:`jax.block_until_ready`, the two kinds of calls interleaved so
+  that both see the same load on a shared machine;
+* **peak memory** of the compiled step from XLA's memory analysis (temp +
+  arguments + outputs − aliased), plus ``peak_bytes_in_use`` on devices whose
+  allocator reports it (GPU);
+* **FLOPs** of one step, counted on the step's jaxpr with every ``scan``
+  multiplied by its length (XLA's ``cost_analysis`` counts a loop body once,
+  whatever its trip count, so it under-reports multi-step inner loops; it is
+  kept alongside as ``xla_flops``);
+* the **fp32 matmul peak** of the same machine in the same process, so every
+  throughput is also a fraction of what the hardware reaches on a large GEMM.
+
+The Omniglot image pool is a random ``[classes, 20, 28, 28, 1]`` array (timing
+does not depend on pixel values); it is an *argument* of the compiled step,
+never a constant baked into it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import platform
+import statistics
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxmeta.algorithms.registry import ALGORITHMS, make_learner
+from jaxmeta.errors import ConfigError
+from jaxmeta.training import guarded_step, init_train_state, make_train_chunk
+
+TASKS = ("sinusoid", "omniglot")
+
+SWEEP_ALGOS = ("maml", "fomaml", "reptile", "pretrain")
+"""The algorithms the sweep runs by default (any of the registry's can be named)."""
+
+REMAT_ALGOS = ("maml", "fomaml", "meta_sgd", "anil", "mamlpp")
+"""Algorithms that differentiate through the inner loop, where ``remat`` changes the program."""
+
+RESULT_KEYS = (
+    "ms_per_step",
+    "ms_per_step_spread",
+    "compile_s",
+    "peak_bytes",
+    "flops_per_step",
+    "gflops_per_s",
+    "matmul_peak_gflops",
+    "fraction_of_peak",
+    "config",
+    "device",
+)
+"""The keys every result (and ``--json`` file) has; more detail sits beside them."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    """One benchmarked configuration.
+
+    ``ways`` and ``conv_impl`` only apply to Omniglot; ``remat`` only changes
+    MAML and first-order MAML (Reptile never differentiates through its inner
+    loop, pre-training has none).
+    """
+
+    task: str = "omniglot"
+    algo: str = "maml"
+    ways: int = 5
+    shots: int = 1
+    queries: int = 15
+    meta_batch: int = 32
+    inner_steps: int = 1
+    remat: bool = False
+    chunk_size: int | None = None
+    conv_impl: str = "auto"
+    inner_lr: float | None = None
+    outer_lr: float = 1e-3
+    classes: int = 1200
+    repeats: int = 10
+    warmup: int = 2
+    steps_per_dispatch: int = 10
+    dispatch_repeats: int = 3
+    seed: int = 0
+
+    def validate(self) -> None:
+        """Raises :class:`ConfigError` (one line) for an impossible configuration."""
+        if self.task not in TASKS:
+            raise ConfigError(f"unknown task {self.task!r}; choose from {', '.join(TASKS)}")
+        if self.algo not in ALGORITHMS:
+            raise ConfigError(f"unknown algorithm {self.algo!r}; choose from {', '.join(ALGORITHMS)}")
+        for name in ("ways", "shots", "queries", "meta_batch", "inner_steps", "classes", "repeats",
+                     "steps_per_dispatch", "dispatch_repeats"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.warmup < 0:
+            raise ConfigError(f"warmup must be >= 0, got {self.warmup}")
+        if self.chunk_size is not None and self.chunk_size <= 0:
+            raise ConfigError(f"chunk-size must be positive, got {self.chunk_size}")
+        if self.task == "omniglot":
+            from jaxmeta.models import CONV_IMPLS
+
+            if self.conv_impl not in CONV_IMPLS:
+                raise ConfigError(f"conv-impl must be one of {', '.join(CONV_IMPLS)}, got {self.conv_impl!r}")
+            if self.ways > self.classes:
+                raise ConfigError(f"ways={self.ways} exceeds the {self.classes} classes of the image pool")
+            if self.shots + self.queries > 20:
+                raise ConfigError(
+                    f"shots + queries = {self.shots + self.queries} exceeds the 20 examples per Omniglot class"
+                )
+
+    @property
+    def effective_inner_lr(self) -> float:
+        """The inner learning rate: given, or the MAML paper's (0.4 Omniglot, 0.01 sinusoid)."""
+        if self.inner_lr is not None:
+            return self.inner_lr
+        return 0.4 if self.task == "omniglot" else 0.01
+
+    @property
+    def effective_remat(self) -> bool:
+        """Whether remat changes the program (only MAML / first-order MAML differentiate the inner loop)."""
+        return self.remat and self.algo in REMAT_ALGOS
+
+    def label(self) -> str:
+        """A short human-readable name."""
+        if self.task == "omniglot":
+            head = f"omniglot {self.ways}w{self.shots}s B{self.meta_batch} Q{self.queries}"
+        else:
+            head = f"sinusoid K{self.shots} B{self.meta_batch}"
+        extra = " remat" if self.remat else ""
+        extra += f" chunk={self.chunk_size}" if self.chunk_size else ""
+        extra += f" conv={self.conv_impl}" if self.task == "omniglot" and self.conv_impl != "auto" else ""
+        return f"{head} {self.algo} steps={self.inner_steps}{extra}"
+
+    def as_dict(self) -> dict:
+        """The configuration as JSON, with the resolved learning rate and conv implementation."""
+        out = dataclasses.asdict(self)
+        out["inner_lr"] = self.effective_inner_lr
+        if self.task == "omniglot":
+            from jaxmeta.models import resolve_conv_impl
+
+            out["conv_impl_resolved"] = resolve_conv_impl(self.conv_impl)
+        return out
+
+
+# --------------------------------------------------------------------------- problems
+
+
+@dataclasses.dataclass
+class BenchProblem:
+    """A learner, its initial parameters, an on-device task sampler and its data.
+
+    ``sample(key, data)`` draws one meta-batch; ``data`` is the image pool for
+    Omniglot (an argument of every compiled program) and an empty array for
+    the sinusoid.
+    """
+
+    learner: Any
+    params: Any
+    sample: Callable
+    data: jax.Array
+
+
+def build_problem(config: BenchConfig) -> BenchProblem:
+    """The model, learner, sampler and data of ``config``."""
+    config.validate()
+    key = jax.random.PRNGKey(config.seed)
+    init_key, data_key = jax.random.split(key)
+    if config.task == "sinusoid":
+        from jaxmeta.data import sinusoid
+        from jaxmeta.models import MLP, regression_loss
+
+        model = MLP()
+        loss_fn, has_aux = regression_loss(model), False
+        params = model.init(init_key, jnp.zeros((1, 1)))["params"]
+        data = jnp.zeros((0,), jnp.float32)
+
+        def sample(k, _data):
+            return sinusoid.sample_tasks(k, batch_size=config.meta_batch, shots=config.shots,
+                                         queries=config.queries)
+    else:
+        from jaxmeta.data.episodes import sample_tasks
+        from jaxmeta.models import classification_loss, conv4_omniglot
+
+        model = conv4_omniglot(config.ways, conv_impl=config.conv_impl)
+        loss_fn, has_aux = classification_loss(model), True
+        params = model.init(init_key, jnp.zeros((1, 28, 28, 1)))["params"]
+        data = jax.device_put(jax.random.uniform(data_key, (config.classes, 20, 28, 28, 1), jnp.float32))
+
+        def sample(k, images):
+            return sample_tasks(k, images, batch_size=config.meta_batch, ways=config.ways,
+                                shots=config.shots, queries=config.queries)
+
+    learner = make_learner(
+        config.algo,
+        loss_fn,
+        inner_steps=config.inner_steps,
+        inner_lr=config.effective_inner_lr,
+        outer_lr=config.outer_lr,
+        meta_steps=1_000_000,
+        has_aux=has_aux,
+        remat=config.remat,
+        chunk_size=config.chunk_size,
+    )
+    return BenchProblem(learner, params, sample, data)
+
+
+# --------------------------------------------------------------------------- FLOPs
+
+_ELEMENTWISE = frozenset(
+    """add add_any sub mul div rem max min neg abs sign exp exp2 log log1p expm1 tanh logistic
+    sin cos tan sqrt rsqrt cbrt pow integer_pow square erf erf_inv atan2 select_n clamp
+    floor ceil round nextafter reciprocal""".split()
+)
+_REDUCTIONS = frozenset("reduce_sum reduce_max reduce_min reduce_prod argmax argmin cumsum cummax cummin cumprod cumlogsumexp".split())
+
+
+def _size(aval) -> int:
+    return int(math.prod(getattr(aval, "shape", ())))
+
+
+def _sub_jaxprs(value):
+    """Jaxprs held by an equation parameter (a jaxpr, a closed jaxpr, or a tuple of them)."""
+    if hasattr(value, "eqns"):
+        yield value
+    elif hasattr(value, "jaxpr") and hasattr(value, "consts"):
+        yield value.jaxpr
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _sub_jaxprs(v)
+
+
+def count_flops(jaxpr) -> dict[str, float]:
+    """FLOPs of a (closed) jaxpr: ``{"total", "matmul", "unknown_loops"}``.
+
+    ``matmul`` counts ``dot_general`` and convolutions (2 per multiply-add);
+    ``total`` adds one FLOP per element of every arithmetic elementwise op and
+    per input element of every reduction.  A ``scan`` body counts ``length``
+    times; a ``cond`` counts its most expensive branch; a ``while`` loop (trip
+    count unknown) counts its body once and is tallied in ``unknown_loops``.
+    """
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    total = matmul = 0.0
+    unknown = 0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        params = eqn.params
+        if name == "dot_general":
+            (lhs_contract, _), _ = params["dimension_numbers"]
+            lhs = eqn.invars[0].aval
+            k = math.prod(lhs.shape[d] for d in lhs_contract)
+            f = 2.0 * _size(eqn.outvars[0].aval) * k
+            total += f
+            matmul += f
+            continue
+        if name == "conv_general_dilated":
+            rhs = eqn.invars[1].aval
+            dn = params["dimension_numbers"]
+            rhs_spec = dn.rhs_spec  # (out feature, in feature, spatial...)
+            k = rhs.shape[rhs_spec[1]] * math.prod(rhs.shape[d] for d in rhs_spec[2:])
+            f = 2.0 * _size(eqn.outvars[0].aval) * k
+            total += f
+            matmul += f
+            continue
+        subs = [j for v in params.values() for j in _sub_jaxprs(v)]
+        if subs:
+            counts = [count_flops(j) for j in subs]
+            if name == "cond":
+                best = max(counts, key=lambda c: c["total"])
+                counts = [best]
+            times = float(params.get("length", 1)) if name == "scan" else 1.0
+            if name == "while":
+                unknown += 1
+            for c in counts:
+                total += times * c["total"]
+                matmul += times * c["matmul"]
+                unknown += c["unknown_loops"]
+            continue
+        if name in _ELEMENTWISE:
+            total += float(_size(eqn.outvars[0].aval))
+        elif name in _REDUCTIONS:
+            total += float(_size(eqn.invars[0].aval))
+    return {"total": total, "matmul": matmul, "unknown_loops": unknown}
+
+
+# --------------------------------------------------------------------------- hardware
+
+
+def device_description() -> dict:
+    """The default device and host, for the report."""
+    dev = jax.devices()[0]
+    return {
+        "backend": jax.default_backend(),
+        "device_kind": getattr(dev, "device_kind", str(dev)),
+        "devices": len(jax.devices()),
+        "cpu_count": _cpu_count(),
+        "processor": platform.processor() or platform.machine(),
+        "jax": jax.__version__,
+    }
+
+
+def _cpu_count() -> int:
+    try:
+        import os
+
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - non-Linux
+        import os
+
+        return os.cpu_count() or 1
+
+
+def matmul_peak_gflops(n: int = 2048, repeats: int = 5, dtype=jnp.float32) -> dict:
+    """The fp32 GEMM throughput of the default device, measured now.
+
+    A jitted ``n x n @ n x n`` matmul is run ``repeats`` times after a warm-up;
+    the *best* time defines the peak (the quietest moment on a shared machine),
+    the median is reported too.
+    """
+    a = jax.random.normal(jax.random.PRNGKey(1), (n, n), dtype)
+    b = jax.random.normal(jax.random.PRNGKey(2), (n, n), dtype)
+    f = jax.jit(jnp.matmul).lower(a, b).compile()
+    jax.block_until_ready(f(a, b))
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(f(a, b))
+        times.append(time.perf_counter() - t)
+    flops = 2.0 * n**3
+    return {
+        "n": n,
+        "peak_gflops": flops / min(times) / 1e9,
+        "median_gflops": flops / statistics.median(times) / 1e9,
+        "times_s": times,
+    }
+
+
+# --------------------------------------------------------------------------- timing helpers
+
+
+def spread(values_ms: list[float]) -> dict:
+    """Median, quartiles, IQR, min and max of a list of times (ms)."""
+    v = np.asarray(values_ms, np.float64)
+    q25, q50, q75 = np.percentile(v, [25, 50, 75])
+    return {
+        "median": float(q50),
+        "q25": float(q25),
+        "q75": float(q75),
+        "iqr": float(q75 - q25),
+        "min": float(v.min()),
+        "max": float(v.max()),
+        "n": int(v.size),
+    }
+
+
+def _timed_calls(fn, state, data, calls: int) -> tuple[Any, list[float]]:
+    """Runs ``state = fn(state, data)[0]`` ``calls`` times; wall seconds of each, blocked."""
+    times = []
+    for _ in range(calls):
+        t = time.perf_counter()
+        out = fn(state, data)
+        jax.block_until_ready(out)
+        times.append(time.perf_counter() - t)
+        state = out[0]
+    return state, times
+
+
+def memory_summary(compiled) -> dict:
+    """XLA's memory analysis of a compiled program: bytes by kind and the peak."""
+    try:
+        ma = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 - some backends do not implement it
+        ma = None
+    if ma is None:
+        return {"available": False}
+    temp = int(ma.temp_size_in_bytes)
+    arg = int(ma.argument_size_in_bytes)
+    out = int(ma.output_size_in_bytes)
+    alias = int(ma.alias_size_in_bytes)
+    return {
+        "available": True,
+        "temp_bytes": temp,
+        "argument_bytes": arg,
+        "output_bytes": out,
+        "alias_bytes": alias,
+        "peak_bytes": temp + arg + out - alias,
+    }
+
+
+def _xla_flops(compiled) -> float | None:
+    try:
+        ca = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001
+        return None
+    if isinstance(ca, (list, tuple)):
+        ca = ca[0] if ca else None
+    if not ca or "flops" not in ca:
+        return None
+    return float(ca["flops"])
+
+
+def _device_peak_bytes() -> int | None:
+    try:
+        stats = jax.devices()[0].memory_stats()
+    except Exception:  # noqa: BLE001
+        return None
+    if not stats or "peak_bytes_in_use" not in stats:
+        return None
+    return int(stats["peak_bytes_in_use"])
+
+
+# --------------------------------------------------------------------------- the benchmark
+
+
+def step_programs(problem: BenchProblem, steps_per_dispatch: int):
+    """``(one_step, many_steps)``: jitted ``f(state, data) -> (state, metrics)``.
+
+    ``one_step`` samples a meta-batch on the device and applies one guarded
+    meta-step (exactly the body of :func:`jaxmeta.training.make_train_chunk`);
+    ``many_steps`` runs ``steps_per_dispatch`` of them in one dispatch through
+    :func:`~jaxmeta.training.make_train_chunk` itself.
+    """
+    run = make_train_chunk(problem.learner, problem.sample)
+
+    def one(state, data):
+        return guarded_step(problem.learner, problem.sample, data)(state)
+
+    def many(state, data):
+        return run(state, data, steps_per_dispatch)
+
+    return jax.jit(one), jax.jit(many)
+
+
+def _compile(jitted, *args) -> tuple[Any, Any, dict]:
+    """Traces, lowers and compiles ahead of time: ``(compiled, traced jaxpr, seconds by phase)``."""
+    t0 = time.perf_counter()
+    traced = jitted.trace(*args)
+    t1 = time.perf_counter()
+    lowered = traced.lower()
+    t2 = time.perf_counter()
+    compiled = lowered.compile()
+    t3 = time.perf_counter()
+    return compiled, traced.jaxpr, {"trace_s": t1 - t0, "lower_s": t2 - t1, "xla_compile_s": t3 - t2,
+                                    "total_s": t3 - t0}
+
+
+def benchmark(
+    config: BenchConfig,
+    *,
+    matmul_peak: dict | None = None,
+    many_per_dispatch: bool = True,
+    recheck_peak: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """Measures one configuration; returns a JSON-ready dict (see :data:`RESULT_KEYS`).
+
+    ``ms_per_step`` is the time per meta-step when ``steps_per_dispatch``
+    meta-steps run per dispatch (how :func:`jaxmeta.training.train` runs);
+    ``timing["one_per_dispatch"]`` holds the one-step-per-call figures.
+    ``matmul_peak`` reuses a :func:`matmul_peak_gflops` result (a sweep
+    measures it once); by default it is measured here.  With
+    ``recheck_peak`` the GEMM rate is sampled again right after the timings
+    and ``matmul_peak_gflops`` is the better of the two (the machine may be
+    shared: the best rate seen is the best estimate of the hardware's peak).
+    """
+    log = log or (lambda _msg: None)
+    config.validate()
+    if matmul_peak is None:
+        matmul_peak = matmul_peak_gflops()
+    problem = build_problem(config)
+    state = init_train_state(problem.learner, problem.params, jax.random.PRNGKey(config.seed + 1))
+    one, many = step_programs(problem, config.steps_per_dispatch)
+
+    log("compiling one meta-step")
+    compiled_one, jaxpr, compile_phases = _compile(one, state, problem.data)
+    flops = count_flops(jaxpr)
+    memory = memory_summary(compiled_one)
+    xla_flops = _xla_flops(compiled_one)
+
+    timing = {}
+    chunk_compile = None
+    compiled_many = None
+    if many_per_dispatch:
+        log(f"compiling {config.steps_per_dispatch} meta-steps per dispatch")
+        compiled_many, _, chunk_compile = _compile(many, state, problem.data)
+
+    # Warm up both programs, then interleave their timed calls, so that both see the same
+    # machine load (other processes come and go on a shared machine).
+    log(f"timing {config.warmup}+{config.repeats} one-step dispatches"
+        + (f", interleaved with 1+{config.dispatch_repeats} dispatches of {config.steps_per_dispatch} steps"
+           if compiled_many is not None else ""))
+    state, _ = _timed_calls(compiled_one, state, problem.data, config.warmup)
+    rounds = config.dispatch_repeats if compiled_many is not None else 1
+    if compiled_many is not None:
+        state, _ = _timed_calls(compiled_many, state, problem.data, 1)
+    single_times, many_times = [], []
+    for r in range(rounds):
+        calls = config.repeats * (r + 1) // rounds - config.repeats * r // rounds
+        state, times = _timed_calls(compiled_one, state, problem.data, calls)
+        single_times += times
+        if compiled_many is not None:
+            state, times = _timed_calls(compiled_many, state, problem.data, 1)
+            many_times += times
+    single = spread([1e3 * t for t in single_times])
+    timing["one_per_dispatch"] = single
+    if compiled_many is not None:
+        per_step = [1e3 * t / config.steps_per_dispatch for t in many_times]
+        timing["many_per_dispatch"] = {**spread(per_step), "steps_per_dispatch": config.steps_per_dispatch}
+        headline = timing["many_per_dispatch"]
+    else:
+        headline = single
+
+    ms = headline["median"]
+    gflops = flops["total"] / (ms * 1e-3) / 1e9
+    # On a shared machine the GEMM rate moves with the load: sample it again right after this
+    # configuration's timings and take the best seen as the hardware's peak.
+    after = matmul_peak_gflops(repeats=3) if recheck_peak else None
+    peak = max(matmul_peak["peak_gflops"], after["peak_gflops"] if after else 0.0)
+    data_bytes = int(problem.data.size * problem.data.dtype.itemsize)
+    result = {
+        "ms_per_step": ms,
+        "ms_per_step_spread": {k: headline[k] for k in ("iqr", "q25", "q75", "min", "max", "n")},
+        "compile_s": compile_phases["total_s"],
+        "peak_bytes": memory.get("peak_bytes"),
+        "flops_per_step": flops["total"],
+        "gflops_per_s": gflops,
+        "matmul_peak_gflops": peak,
+        "fraction_of_peak": gflops / peak,
+        "config": config.as_dict(),
+        "device": device_description(),
+        "label": config.label(),
+        "timing": timing,
+        "ms_per_step_one_per_dispatch": single["median"],
+        "compile": {"one_step": compile_phases, "many_steps": chunk_compile},
+        "memory": {**memory, "data_bytes": data_bytes,
+                   "step_bytes": None if memory.get("peak_bytes") is None else memory["peak_bytes"] - data_bytes,
+                   "device_peak_bytes_in_use": _device_peak_bytes()},
+        "flops": {**flops, "xla_cost_analysis_flops": xla_flops,
+                  "matmul_gflops_per_s": flops["matmul"] / (ms * 1e-3) / 1e9},
+        "matmul_peak": {**matmul_peak, "after_gflops": after["peak_gflops"] if after else None},
+    }
+    return result
+
+
+# --------------------------------------------------------------------------- the sweep
+
+SWEEP_SETTINGS = {
+    "omniglot5": dict(task="omniglot", ways=5, shots=1, queries=15, meta_batch=32),
+    "omniglot20": dict(task="omniglot", ways=20, shots=1, queries=15, meta_batch=16),
+    "sinusoid": dict(task="sinusoid", shots=10, queries=10, meta_batch=25),
+}
+"""The problem settings of the sweep, by name."""
+
+SWEEP_STEPS = (1, 5, 10, 25)
+QUICK_STEPS = (1, 5)
+
+
+def sweep_configs(
+    settings=tuple(SWEEP_SETTINGS),
+    algos=SWEEP_ALGOS,
+    inner_steps=SWEEP_STEPS,
+    *,
+    quick: bool = False,
+    **overrides,
+) -> list[BenchConfig]:
+    """The sweep's configurations: settings x algorithms x inner steps x remat.
+
+    Grid points that compile to the same program are measured once: remat
+    only changes the algorithms of :data:`REMAT_ALGOS`, and pre-training has no inner
+    loop (one point per setting, at the smallest inner-step count).  With
+    ``quick``, inner steps are limited to (1, 5) and fewer steps are timed.
+    """
+    if quick:
+        inner_steps = tuple(s for s in inner_steps if s in QUICK_STEPS) or QUICK_STEPS
+        overrides = {"repeats": 3, "warmup": 1, "steps_per_dispatch": 5, "dispatch_repeats": 1, **overrides}
+    else:
+        overrides = {"steps_per_dispatch": 5, "dispatch_repeats": 2, **overrides}
+    configs = []
+    for setting in settings:
+        for algo in algos:
+            steps_list = inner_steps[:1] if algo == "pretrain" else inner_steps
+            remats = (False, True) if algo in REMAT_ALGOS else (False,)
+            for steps in steps_list:
+                for remat in remats:
+                    configs.append(BenchConfig(**SWEEP_SETTINGS[setting], algo=algo, inner_steps=steps,
+                                               remat=remat, **overrides))
+    return configs
+
+
+def setting_name(config: dict) -> str:
+    """The sweep setting a result's config belongs to (e.g. ``"omniglot 5-way 1-shot B32"``)."""
+    if config["task"] == "sinusoid":
+        return f"sinusoid K={config['shots']} B{config['meta_batch']}"
+    return f"omniglot {config['ways']}-way {config['shots']}-shot B{config['meta_batch']}"
+
+
+def summary_line(result: dict) -> str:
+    """One progress line for a measured configuration."""
+    t = result["timing"]
+    many = t.get("many_per_dispatch")
+    one = t["one_per_dispatch"]
+    parts = [f"{result['ms_per_step']:.4g} ms/step"]
+    if many:
+        parts[0] += f" ({many['steps_per_dispatch']}/dispatch, IQR {many['iqr']:.2g})"
+        parts.append(f"{one['median']:.4g} ms 1/dispatch")
+    parts.append(f"compile {result['compile_s']:.1f} s")
+    if result["peak_bytes"] is not None:
+        parts.append(f"peak {result['peak_bytes'] / 2**20:.1f} MiB")
+    parts.append(f"{result['flops_per_step'] / 1e9:.3g} GFLOP")
+    parts.append(f"{result['gflops_per_s']:.3g} GFLOP/s = {100 * result['fraction_of_peak']:.1f}% of matmul peak")
+    return ", ".join(parts)
+
+
+def _mib(x) -> str:
+    return "n/a" if x is None else f"{x / 2**20:.1f}"
+
+
+def format_table(results: list[dict]) -> str:
+    """A markdown table of sweep results."""
+    head = ("| setting | algo | inner steps | remat | ms/step (many/dispatch) | IQR | ms/step (1/dispatch) "
+            "| compile s | peak MiB | step MiB (excl. images) | GFLOP/step | GFLOP/s | % matmul peak |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in results:
+        c = r["config"]
+        remat = ("on" if c["remat"] else "off") if c["algo"] in REMAT_ALGOS else "n/a"
+        steps = "-" if c["algo"] == "pretrain" else str(c["inner_steps"])
+        lines.append(
+            f"| {setting_name(c)} | {c['algo']} | {steps} | {remat} | {r['ms_per_step']:.4g} "
+            f"| {r['ms_per_step_spread']['iqr']:.2g} | {r['timing']['one_per_dispatch']['median']:.4g} "
+            f"| {r['compile_s']:.1f} | {_mib(r['peak_bytes'])} | {_mib(r['memory'].get('step_bytes'))} "
+            f"| {r['flops_per_step'] / 1e9:.3g} | {r['gflops_per_s']:.3g} | {100 * r['fraction_of_peak']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _series(results: list[dict], setting: str):
+    """``{(algo, remat): (inner steps, results)}`` for one setting, sorted by steps."""
+    out: dict = {}
+    for r in results:
+        c = r["config"]
+        if setting_name(c) != setting:
+            continue
+        out.setdefault((c["algo"], bool(c["remat"]) and c["algo"] in REMAT_ALGOS), []).append(r)
+    return {k: sorted(v, key=lambda r: r["config"]["inner_steps"]) for k, v in out.items()}
+
+
+_STYLE = {"maml": ("tab:red", "second order (MAML)"), "fomaml": ("tab:blue", "first order (FOMAML)"),
+          "reptile": ("tab:green", "Reptile"), "pretrain": ("tab:gray", "pre-training"),
+          "meta_sgd": ("tab:purple", "Meta-SGD"), "anil": ("tab:orange", "ANIL"), "mamlpp": ("tab:brown", "MAML++"),
+          "imaml": ("tab:olive", "iMAML")}
+
+
+def plot_vs_steps(results: list[dict], path: str, *, metric: str) -> None:
+    """Time per meta-step (``metric="time"``) or peak memory (``"memory"``) against inner steps.
+
+    One panel per setting; second vs first order, solid without remat and
+    dashed with it; pre-training (no inner loop) is a horizontal line.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = list(dict.fromkeys(setting_name(r["config"]) for r in results))
+    fig, axes = plt.subplots(1, max(len(settings), 1), figsize=(5.2 * max(len(settings), 1), 4.2), squeeze=False)
+    all_steps = sorted({r["config"]["inner_steps"] for r in results if r["config"]["algo"] != "pretrain"}) or [1]
+    for ax, setting in zip(axes[0], settings):
+        for (algo, remat), rows in sorted(_series(results, setting).items()):
+            color, name = _STYLE.get(algo, ("black", algo))
+            if metric == "time":
+                ys = [r["ms_per_step"] for r in rows]
+            else:
+                ys = [(r["memory"].get("step_bytes") or r["peak_bytes"] or 0) / 2**20 for r in rows]
+            label = name + (" + remat" if remat else "")
+            if algo == "pretrain":
+                ax.axhline(ys[0], color=color, linestyle=":", label=label)
+                continue
+            xs = [r["config"]["inner_steps"] for r in rows]
+            ax.plot(xs, ys, marker="o", color=color, linestyle="--" if remat else "-", label=label)
+        ax.set_xscale("log")
+        ax.set_xticks(all_steps)
+        ax.set_xticklabels([str(s) for s in all_steps])
+        ax.set_yscale("log")
+        ax.set_xlabel("inner steps")
+        ax.set_ylabel("ms per meta-step" if metric == "time" else "peak memory of the step (MiB, excl. image pool)")
+        ax.set_title(setting)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    device = results[0]["device"] if results else {}
+    fig.suptitle(f"{'time per meta-step' if metric == 'time' else 'XLA peak memory'} on "
+                 f"{device.get('backend', '?')} ({device.get('cpu_count', '?')} CPU cores)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def check_targets(results: list[dict], torch: dict | None = None) -> list[dict]:
+    """The performance targets, each ``{"target", "value", "met"}`` (``met`` None: not measured)."""
+
+    def find(setting_prefix, algo, steps, remat=False):
+        for r in results:
+            c = r["config"]
+            if (setting_name(c).startswith(setting_prefix) and c["algo"] == algo
+                    and (algo == "pretrain" or c["inner_steps"] == steps)
+                    and bool(c["remat"]) == remat and c.get("chunk_size") is None):
+                return r
+        return None
+
+    out = []
+    o5 = "omniglot 5-way 1-shot B32"
+    base = find(o5, "maml", 1)
+    out.append({"target": "5w1s B32 MAML 1 step >= 50% of matmul peak",
+                "value": None if base is None else base["fraction_of_peak"],
+                "met": None if base is None else base["fraction_of_peak"] >= 0.5})
+    if torch:
+        for style, row in torch.get("styles", {}).items():
+            ratio = row.get("speedup_jax_vs_torch")
+            out.append({"target": f"5w1s B32 MAML 1 step >= 3x faster than torch ({style})",
+                        "value": ratio, "met": None if ratio is None else ratio >= 3.0})
+    for prefix in (o5, "omniglot 20-way 1-shot B16"):
+        so, fo = find(prefix, "maml", 5), find(prefix, "fomaml", 5)
+        ratio = None if so is None or fo is None else fo["ms_per_step"] / so["ms_per_step"]
+        out.append({"target": f"{prefix}: FOMAML <= 0.7x MAML time at 5 steps", "value": ratio,
+                    "met": None if ratio is None else ratio <= 0.7})
+        one, many = find(prefix, "maml", 1, True), find(prefix, "maml", 25, True)
+        ratio = None
+        if one is not None and many is not None and one["memory"].get("step_bytes"):
+            ratio = many["memory"]["step_bytes"] / one["memory"]["step_bytes"]
+        out.append({"target": f"{prefix}: MAML+remat step memory at 25 steps <= 3x 1 step", "value": ratio,
+                    "met": None if ratio is None else ratio <= 3.0})
+    compiles = [r for r in results if r["config"]["algo"] == "maml" and r["config"]["task"] == "omniglot"]
+    if compiles:
+        worst = max(r["compile_s"] for r in compiles)
+        out.append({"target": "Omniglot MAML compile < 10 s (max over the sweep)", "value": worst,
+                    "met": worst < 10.0})
+        by_steps: dict = {}
+        for r in compiles:
+            by_steps.setdefault(r["config"]["inner_steps"], []).append(r["compile_s"])
+        if len(by_steps) > 1:
+            meds = {s: statistics.median(v) for s, v in by_steps.items()}
+            ratio = max(meds.values()) / min(meds.values())
+            out.append({"target": "compile time independent of inner steps (max/min median over steps <= 1.5)",
+                        "value": ratio, "met": ratio <= 1.5})
+    return out
+
+
+def format_targets(targets: list[dict]) -> str:
+    """The targets as a markdown list."""
+    lines = []
+    for t in targets:
+        mark = {True: "met", False: "NOT met", None: "not measured"}[t["met"]]
+        value = "" if t["value"] is None else f" (measured {t['value']:.3g})"
+        lines.append(f"- {t['target']}: **{mark}**{value}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,196 @@
+"""The benchmark launcher and its library (:mod:`jaxmeta.benchmarking`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from jaxmeta import benchmarking as bm
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "experiments.benchmark", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_sinusoid_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = _cli("--task", "sinusoid", "--algo", "maml", "--inner-steps", "2", "--repeats", "10", "--warmup", "1",
+                "--steps-per-dispatch", "4", "--dispatch-repeats", "3", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    for key in bm.RESULT_KEYS:
+        assert key in result, key
+    assert result["ms_per_step"] > 0
+    assert result["ms_per_step_spread"]["min"] > 0
+    assert result["ms_per_step_spread"]["max"] >= result["ms_per_step"] >= result["ms_per_step_spread"]["min"]
+    assert result["ms_per_step_spread"]["iqr"] >= 0
+    assert result["timing"]["one_per_dispatch"]["n"] == 10
+    assert result["timing"]["one_per_dispatch"]["median"] > 0
+    assert result["timing"]["many_per_dispatch"]["steps_per_dispatch"] == 4
+    assert result["compile_s"] > 0
+    assert result["peak_bytes"] > 0
+    assert result["flops_per_step"] > 0
+    assert result["gflops_per_s"] > 0
+    assert result["matmul_peak_gflops"] > 0
+    assert 0 < result["fraction_of_peak"] < 1.5
+    assert result["config"]["task"] == "sinusoid" and result["config"]["inner_steps"] == 2
+    assert result["device"]["backend"] == jax.default_backend()
+    # Compile time is measured ahead of time, apart from the step: a sinusoid step takes
+    # well under a millisecond, its compilation far longer.
+    phases = result["compile"]["one_step"]
+    assert phases["xla_compile_s"] > 0 and phases["total_s"] == pytest.approx(result["compile_s"])
+    assert result["compile_s"] * 1e3 > 10 * result["timing"]["one_per_dispatch"]["max"]
+    assert "ms/step" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--inner-steps", "0"], "--inner-steps"),
+        (["--ways", "0"], "--ways"),
+        (["--algo", "nope"], "--algo"),
+    ],
+)
+def test_cli_bad_input_is_one_line(args, message):
+    proc = _cli(*args, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert message in lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--task", "omniglot", "--shots", "10", "--queries", "15"], "20 examples"),
+        (["--task", "volcano"], "--task"),
+        (["--chunk-size", "0"], "--chunk-size"),
+        (["--sweep", "--settings", "omniglot7"], "omniglot7"),
+        (["--conv-impl", "fft"], "--conv-impl"),
+    ],
+)
+def test_bad_input_in_process(args, message, capsys):
+    from experiments import benchmark
+    from jaxmeta.cli import run
+
+    with pytest.raises(SystemExit) as exit_info:
+        run(benchmark.main, args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+
+
+def test_count_flops_multiplies_scans():
+    a = jnp.ones((8, 16))
+    b = jnp.ones((16, 4))
+
+    def f(a, b):
+        return jax.lax.scan(lambda c, _: (c + (a @ b).sum(), None), 0.0, None, length=5)[0]
+
+    flops = bm.count_flops(jax.make_jaxpr(f)(a, b))
+    assert flops["matmul"] == 5 * 2 * 8 * 16 * 4
+    assert flops["total"] > flops["matmul"]
+
+
+def test_count_flops_convolution():
+    x = jnp.ones((2, 8, 8, 3))
+    k = jnp.ones((3, 3, 3, 5))
+    conv = lambda x, k: jax.lax.conv_general_dilated(  # noqa: E731
+        x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    flops = bm.count_flops(jax.make_jaxpr(conv)(x, k))
+    assert flops["matmul"] == 2 * (2 * 8 * 8 * 5) * (3 * 3 * 3)
+
+
+def test_sweep_grid_dedupes_identical_programs():
+    configs = bm.sweep_configs(("omniglot5",), quick=True)
+    steps = {c.inner_steps for c in configs}
+    assert steps == {1, 5}
+    assert [c for c in configs if c.algo == "pretrain"] and len([c for c in configs if c.algo == "pretrain"]) == 1
+    assert not [c for c in configs if c.algo == "reptile" and c.remat]
+    assert len([c for c in configs if c.algo == "maml"]) == 4
+    full = bm.sweep_configs()
+    assert {c.inner_steps for c in full} == {1, 5, 10, 25}
+    assert {(c.ways, c.meta_batch) for c in full if c.task == "omniglot"} == {(5, 32), (20, 16)}
+
+
+def _fake_result(algo, steps, remat, ms, mem, task="omniglot"):
+    config = bm.BenchConfig(task=task, algo=algo, inner_steps=steps, remat=remat)
+    single = bm.spread([ms, ms * 1.1, ms * 0.9])
+    many = {**bm.spread([ms * 0.95]), "steps_per_dispatch": 5}
+    return {
+        "ms_per_step": many["median"], "ms_per_step_spread": many, "compile_s": 5.0, "peak_bytes": mem + 100,
+        "flops_per_step": 1e9, "gflops_per_s": 10.0, "matmul_peak_gflops": 100.0, "fraction_of_peak": 0.1,
+        "config": config.as_dict(), "device": bm.device_description(),
+        "timing": {"one_per_dispatch": single, "many_per_dispatch": many},
+        "memory": {"peak_bytes": mem + 100, "step_bytes": mem},
+    }
+
+
+def test_sweep_outputs(tmp_path):
+    results = [
+        _fake_result(algo, steps, remat, ms=steps * (2 if algo == "maml" else 1.0), mem=2**20 * (10 + steps))
+        for algo in ("maml", "fomaml") for steps in (1, 5, 25) for remat in (False, True)
+    ] + [_fake_result("pretrain", 1, False, 0.5, 2**20), _fake_result("reptile", 5, False, 2.0, 2**21)]
+    table = bm.format_table(results)
+    assert table.count("\n") == len(results) + 2
+    assert "| omniglot 5-way 1-shot B32 | maml | 25 | on |" in table
+    targets = bm.check_targets(results)
+    by_name = {t["target"]: t for t in targets}
+    fo = by_name["omniglot 5-way 1-shot B32: FOMAML <= 0.7x MAML time at 5 steps"]
+    assert fo["met"] is True and fo["value"] == pytest.approx(0.5)
+    mem = by_name["omniglot 5-way 1-shot B32: MAML+remat step memory at 25 steps <= 3x 1 step"]
+    assert mem["value"] == pytest.approx(35 / 11)
+    assert "NOT met" in bm.format_targets(targets)
+    for metric in ("time", "memory"):
+        path = tmp_path / f"{metric}.png"
+        bm.plot_vs_steps(results, str(path), metric=metric)
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_benchmark_library_on_sinusoid():
+    config = bm.BenchConfig(task="sinusoid", algo="fomaml", shots=5, queries=5, meta_batch=4, inner_steps=3,
+                            repeats=3, warmup=1, steps_per_dispatch=3, dispatch_repeats=1)
+    peak = {"peak_gflops": 100.0, "median_gflops": 90.0, "times_s": [0.1], "n": 2048}
+    result = bm.benchmark(config, matmul_peak=peak, recheck_peak=False, many_per_dispatch=False)
+    assert result["matmul_peak_gflops"] == 100.0
+    assert result["flops"]["matmul"] > 0 and result["flops"]["unknown_loops"] == 0
+    # The jaxpr count follows the inner scan's 3 steps; XLA's analysis is kept beside it.
+    assert result["flops"]["xla_cost_analysis_flops"] is None or result["flops"]["xla_cost_analysis_flops"] > 0
+    assert result["memory"]["temp_bytes"] >= 0 and result["memory"]["data_bytes"] == 0
+    assert "many_per_dispatch" not in result["timing"]
+    assert result["ms_per_step"] == result["timing"]["one_per_dispatch"]["median"]
+
+
+def test_torch_reference_network_matches_jax():
+    """The PyTorch Conv4 of ``--torch`` computes the JAX model's logits on the same weights (skips without torch)."""
+    torch = pytest.importorskip("torch")
+    import numpy as np
+
+    from experiments import torch_reference as tr
+    from jaxmeta.models import conv4_omniglot
+
+    model = conv4_omniglot(tr.WAYS)
+    x = jax.random.uniform(jax.random.PRNGKey(3), (6, 28, 28, 1))
+    params = model.init(jax.random.PRNGKey(4), x)["params"]
+    expected = np.asarray(model.apply({"params": params}, x))
+    tparams = tr.params_from_jax(params)
+    tx = torch.tensor(np.asarray(x)).permute(0, 3, 1, 2).contiguous()
+    for plain_bn in (False, True):
+        net = tr.Conv4(plain_bn=plain_bn)
+        with torch.no_grad():
+            for name, p in net.named_parameters():
+                p.copy_(tparams[name])
+            np.testing.assert_allclose(net(tx).numpy(), expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(tr.functional_forward(tparams, tx).detach().numpy(), expected, rtol=1e-4, atol=1e-4)
