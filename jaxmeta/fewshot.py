@@ -461,3 +461,38 @@ def plot_curve(history: list[dict], path: str, *, title: str = "") -> None:
     plt.close(fig)
     atomic_write_bytes(path, buffer.getvalue())
 
+
+
+def plot_comparison(run_dirs: list[str], path: str) -> None:
+    """Learning curves of several runs (e.g. the four algorithms) in one figure.
+
+    Left: training query accuracy after adaptation (before it, for
+    pre-training, which has no adaptation in its objective); right:
+    validation accuracy on the fixed validation tasks.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for run_dir in run_dirs:
+        config = read_config(run_dir)
+        history = read_jsonl(os.path.join(run_dir, METRICS_FILE))
+        if not history:
+            raise DataError(f"{run_dir} has no {METRICS_FILE} yet")
+        label = f"{config.algo} ({config.ways}-way {config.shots}-shot)"
+        key = "train/query_accuracy_post" if "train/query_accuracy_post" in history[0] else "train/query_accuracy_pre"
+        ax1.plot([r["step"] for r in history], [r[key] for r in history], label=label)
+        val = [(r["step"], r["val/accuracy"]) for r in history if "val/accuracy" in r]
+        if val:
+            ax2.plot(*zip(*val), "o-", label=label)
+    ax1.set(xlabel="meta-step", ylabel="training query accuracy", title="meta-training")
+    ax2.set(xlabel="meta-step", ylabel="accuracy", title="validation (fixed tasks)")
+    for ax in (ax1, ax2):
+        ax.legend()
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())

@@ -76,6 +76,10 @@ def build_parser(dataset: str, presets: Sequence[str], data_env: str) -> Argumen
     p.add_argument("--support", required=True, help="SDIR/<class>/*.png: labelled support images")
     p.add_argument("--query", required=True, help="QDIR/<class>/*.png: query images (folder names only score)")
     p.add_argument("--inner-steps", type=nonnegative_int)
+
+    c = commands.add_parser("compare", help="one learning-curve figure for several runs (e.g. the four algorithms)")
+    c.add_argument("--runs", nargs="+", required=True, help="run directories")
+    c.add_argument("--out", required=True, help="PNG file to write")
     return parser
 
 
@@ -129,6 +133,10 @@ def main(dataset: str, preset: PresetFn, presets: Sequence[str], data_env: str,
                                       cache_dir=args.cache_dir)
         print(json.dumps({k: result[k] for k in ("accuracy", "ci95", "tasks", "inner_steps")}))
         return result
+    if args.command == "compare":
+        fewshot.plot_comparison(args.runs, args.out)
+        print(f"wrote {args.out}")
+        return {"figure": args.out}
     result = fewshot.episode(args.run, args.support, args.query, inner_steps=args.inner_steps)
     print(json.dumps(result, indent=1))
     return result

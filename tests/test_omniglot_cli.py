@@ -200,3 +200,16 @@ def test_corrupt_checkpoint_is_refused_and_left_alone(tmp_path, env, quick_run):
     proc = run_cli("experiments.omniglot", "evaluate", "--run", str(copy), env=env)
     assert_one_line_error(proc, "checkpoint")
     assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before
+
+
+def test_compare_figure_of_runs(tmp_path, quick_run, capsys):
+    run_dir, _ = quick_run
+    figure = tmp_path / "compare.png"
+    code, stderr, stdout = run_in_process(omniglot.main, ["compare", "--runs", str(run_dir), "--out", str(figure)],
+                                          capsys)
+    assert code == 0, stderr
+    assert figure.read_bytes()[:4] == b"\x89PNG"
+    code, stderr, _ = run_in_process(omniglot.main, ["compare", "--runs", str(tmp_path / "none"), "--out",
+                                                     str(tmp_path / "x.png")], capsys)
+    assert_one_line_error_text(code, stderr, "does not exist")
+    assert not (tmp_path / "x.png").exists()
