@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxmeta import Task, evaluate, inner_adapt, maml, maml_loss
+from jaxmeta import Task, evaluate, inner_adapt, maml_loss
 from jaxmeta.algorithms.anil import (
     anil,
     anil_loss_fn,
@@ -21,7 +21,6 @@ from jaxmeta.algorithms.anil import (
     head_split,
 )
 from jaxmeta.algorithms.imaml import conjugate_gradient, imaml, imaml_gradient, proximal_adapt
-from jaxmeta.algorithms.maml import maml_objective
 from jaxmeta.algorithms.mamlpp import (
     final_step_weights,
     mamlpp,
@@ -31,7 +30,7 @@ from jaxmeta.algorithms.mamlpp import (
     msl_weights,
     per_step_lr,
 )
-from jaxmeta.algorithms.meta_sgd import meta_sgd, meta_sgd_init, meta_sgd_objective, meta_sgd_params
+from jaxmeta.algorithms.meta_sgd import meta_sgd, meta_sgd_objective, meta_sgd_params
 from jaxmeta.models import Conv4, classification_loss
 
 
