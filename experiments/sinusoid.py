@@ -26,7 +26,7 @@ from jaxmeta.algorithms.registry import ALGORITHMS, BASE_ALGORITHMS, adaptation,
 from jaxmeta.cli import ArgumentParser, choice_list, int_list, positive_float, positive_int, run, writable_dir
 from jaxmeta.data import sinusoid
 from jaxmeta.errors import ConfigError
-from jaxmeta.io import write_json
+from jaxmeta.io import save_figure, write_json
 from jaxmeta.models import MLP, regression_loss
 from jaxmeta.training import train
 
@@ -248,8 +248,7 @@ def plot_learning_curves(results: dict, path: str) -> None:
             title=f"{shots}-shot test tasks (mean ± 95% CI)")
     ax2.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def plot_toy_fit(
@@ -282,8 +281,7 @@ def plot_toy_fit(
         ax.set(title=f"{algo}", xlabel="x", ylabel="y")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def build_parser() -> ArgumentParser:

@@ -40,6 +40,7 @@ import numpy as np
 
 from jaxmeta.algorithms.registry import ALGORITHMS, make_learner
 from jaxmeta.errors import ConfigError
+from jaxmeta.io import save_figure
 from jaxmeta.training import guarded_step, init_train_state, make_train_chunk
 
 TASKS = ("sinusoid", "omniglot")
@@ -700,8 +701,7 @@ def plot_vs_steps(results: list[dict], path: str, *, metric: str) -> None:
     fig.suptitle(f"{'time per meta-step' if metric == 'time' else 'XLA peak memory'} on "
                  f"{device.get('backend', '?')} ({device.get('cpu_count', '?')} CPU cores)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def check_targets(results: list[dict], torch: dict | None = None) -> list[dict]:

@@ -16,7 +16,6 @@ adaptation, the whole query set when scoring.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import os
 from typing import Callable, NamedTuple
@@ -33,7 +32,7 @@ from jaxmeta.distributed import check_meta_batch, task_mesh
 from jaxmeta.errors import CheckpointError, ConfigError, DataError
 from jaxmeta.evaluation import evaluate as evaluate_tasks
 from jaxmeta.inner import adapt_and_observe
-from jaxmeta.io import atomic_write_bytes, read_jsonl, write_json
+from jaxmeta.io import read_jsonl, save_figure, write_json
 from jaxmeta.models import classification_loss, conv4_miniimagenet, conv4_omniglot
 from jaxmeta.training import METRICS_FILE, init_train_state, train
 
@@ -456,10 +455,7 @@ def plot_curve(history: list[dict], path: str, *, title: str = "") -> None:
     ax2.set(xlabel="meta-step", ylabel="loss", yscale="log")
     ax2.legend()
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
+    save_figure(fig, path)
 
 
 
@@ -492,7 +488,4 @@ def plot_comparison(run_dirs: list[str], path: str) -> None:
     for ax in (ax1, ax2):
         ax.legend()
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
+    save_figure(fig, path)

@@ -40,6 +40,18 @@ def atomic_write_text(path: str, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def save_figure(fig, path: str, *, dpi: int = 110) -> None:
+    """Writes a matplotlib figure as PNG atomically, then closes it."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
 def to_json(obj: Any, **kwargs) -> str:
     """``json.dumps`` that also accepts numpy and JAX scalars and arrays."""
     return json.dumps(obj, default=_default, **kwargs)
