@@ -23,15 +23,18 @@ from jaxmeta.algorithms.anil import (
 from jaxmeta.algorithms.imaml import conjugate_gradient, imaml, imaml_gradient, proximal_adapt
 from jaxmeta.algorithms.mamlpp import (
     final_step_weights,
+    is_batch_norm,
     mamlpp,
     mamlpp_evaluate,
     mamlpp_objective,
     mamlpp_params,
     msl_weights,
+    per_step_init,
     per_step_lr,
+    per_step_view,
 )
 from jaxmeta.algorithms.meta_sgd import meta_sgd, meta_sgd_objective, meta_sgd_params
-from jaxmeta.models import Conv4, classification_loss
+from jaxmeta.models import BatchNorm, Conv4, classification_loss
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -151,12 +154,12 @@ def test_anil_meta_gradient_matches_finite_differences_and_maml_with_a_frozen_bo
     assert np.abs(flat(full) - flat(exact)).max() > 1e-3
 
     # A key-path predicate names the same head (the parts keep the params' structure, None elsewhere).
-    is_head = lambda path, leaf: path[0].key == "head"  # noqa: E731
+    is_head = lambda path, leaf: path[0].key == "head"
     split, merge = head_split(is_head)
     body, head = split(params)
     assert body["head"]["kernel"] is None and head["l0"]["kernel"] is None
     assert jax.tree.structure(merge(body, head)) == jax.tree.structure(params)
-    body_features = lambda b, x: mlp_features({k: v for k, v in b.items() if k != "head"}, x)  # noqa: E731
+    body_features = lambda b, x: mlp_features({k: v for k, v in b.items() if k != "head"}, x)
     by_predicate = jax.jit(lambda p: anil_objective(body_features, mlp_head_loss, p, tasks, head=is_head, steps=3,
                                                     lr=0.05)[0])(params)
     np.testing.assert_allclose(by_predicate, value, rtol=1e-12)
@@ -256,8 +259,8 @@ def test_mamlpp_learner_switches_msl_and_derivative_order_in_one_compiled_step()
         out = {}
         for s in (1, 2):
             for first_order in (True, False):
-                out[s, first_order] = jax.value_and_grad(
-                    lambda q: maml_loss(mlp_loss, q, tasks, steps=s, lr=0.1, first_order=first_order))(p)
+                loss = functools.partial(maml_loss, mlp_loss, tasks=tasks, steps=s, lr=0.1, first_order=first_order)
+                out[s, first_order] = jax.value_and_grad(loss)(p)
         return out
 
     ref = {k: (v, flat(g)) for k, (v, g) in reference(params).items()}
@@ -287,7 +290,7 @@ def test_mamlpp_learner_switches_msl_and_derivative_order_in_one_compiled_step()
 def test_mamlpp_learned_rates_cosine_outer_and_per_step_evaluation():
     params = init_mlp(13)
     tasks = sine_tasks(14)
-    kwargs = dict(inner_steps=2, inner_lr=0.1, outer=optax.sgd(0.5))
+    kwargs = {"inner_steps": 2, "inner_lr": 0.1, "outer": optax.sgd(0.5)}
     learner = mamlpp(mlp_loss, cosine_outer=True, total_steps=2, **kwargs)
     step = jax.jit(learner.step)
     s0 = learner.init(params)
@@ -309,6 +312,109 @@ def test_mamlpp_learned_rates_cosine_outer_and_per_step_evaluation():
     lrs = {"params": params, "lr": jax.tree.map(lambda r: r * jnp.array([1.0, 0.0]), mamlpp_params(s0)[1])}
     got = mamlpp_evaluate(mlp_loss, *mamlpp_params(lrs), tasks, chunk_size=2)
     np.testing.assert_allclose(got.per_task["loss"][:, 2], want.per_task["loss"][:, 1], rtol=1e-12)
+
+
+def bn_mlp_loss(params, batch):
+    """A 1-5-1 tanh MLP with jaxmeta's (transductive) batch norm after the hidden layer."""
+    x, y = batch
+    h = BatchNorm().apply({"params": params["bn_0"]}, x @ params["l0"]["kernel"] + params["l0"]["bias"])
+    return jnp.mean((jnp.tanh(h) @ params["head"]["kernel"] + params["head"]["bias"] - y) ** 2)
+
+
+def init_bn_mlp(seed):
+    params = init_mlp(seed, sizes=(1, 5, 1))
+    rng = np.random.default_rng(seed + 100)
+    return {**params, "bn_0": {"scale": jnp.asarray(1 + 0.2 * rng.normal(size=5)),
+                               "bias": jnp.asarray(0.1 * rng.normal(size=5))}}
+
+
+def test_mamlpp_per_step_batch_norm_gradient_matches_finite_differences():
+    params = init_bn_mlp(19)
+    tasks = sine_tasks(20)
+    steps = 2
+    per_step = per_step_init(params, steps)
+    assert per_step["bn_0"]["scale"].shape == (steps + 1, 5) and per_step["l0"]["kernel"].shape == (1, 5)
+    shared, _ = per_step_view(per_step)
+    assert shared["bn_0"]["scale"] is None and shared["head"]["bias"] is not None
+    lrs = per_step_lr(shared, 0.1, steps)  # no rates for the per-step rows: the inner loop leaves them alone
+    assert lrs["bn_0"]["scale"] is None
+
+    def f(meta, weights, **kwargs):
+        return mamlpp_objective(bn_mlp_loss, meta["params"], meta["lr"], tasks, weights=weights,
+                                per_step=is_batch_norm, **kwargs)[0]
+
+    # Tied rows are the shared model with batch norm frozen in the inner loop; the rows' gradients
+    # sum to the shared batch-norm gradient (chain rule through the tie).
+    weights = msl_weights(3, steps=steps, anneal_steps=10)
+    frozen = per_step_lr(params, 0.1, steps)
+    frozen["bn_0"] = jax.tree.map(jnp.zeros_like, frozen["bn_0"])
+    tied_value, tied = jax.jit(jax.value_and_grad(functools.partial(f, weights=weights)))(
+        {"params": per_step, "lr": lrs})
+    want_value, want = jax.jit(jax.value_and_grad(
+        lambda p: mamlpp_objective(bn_mlp_loss, p, frozen, tasks, weights=weights)[0]))(params)
+    np.testing.assert_allclose(tied_value, want_value, rtol=1e-12)
+    np.testing.assert_allclose(flat(jax.tree.map(lambda g: g.sum(0), tied["params"]["bn_0"])), flat(want["bn_0"]),
+                               rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(flat(tied["params"]["l0"]), flat(want["l0"]), rtol=1e-10, atol=1e-14)
+
+    # Distinct rows and rates, an intermediate multi-step loss: every derivative against finite differences.
+    rng = np.random.default_rng(21)
+    meta = {"params": jax.tree.map(lambda a: a * (1 + 0.3 * rng.uniform(size=a.shape)), per_step),
+            "lr": jax.tree.map(lambda r: r * jnp.array([1.0, 0.5]), lrs)}
+    exact = jax.jit(jax.grad(functools.partial(f, weights=weights)))(meta)
+    numeric = finite_difference_grad(functools.partial(f, weights=weights), meta)
+    np.testing.assert_allclose(flat(exact), numeric, rtol=1e-5, atol=1e-8)
+    assert np.abs(flat(exact["params"]["bn_0"])).min() > 1e-6  # every row of every BN leaf is used
+
+    with pytest.raises(ValueError, match="per-step"):
+        per_step_init(init_mlp(22), steps)  # no batch norm to give per-step rows
+
+
+def test_mamlpp_per_step_batch_norm_rows_get_gradient_only_where_used_on_conv4():
+    model = Conv4(ways=3, filters=4, stride=2)
+    loss_fn = classification_loss(model)
+    rng = np.random.default_rng(23)
+    x = jnp.asarray(rng.normal(size=(2, 12, 8, 8, 1)))
+    y = jnp.tile(jnp.arange(3), (2, 4))
+    tasks = Task((x[:, :6], y[:, :6]), (x[:, 6:], y[:, 6:]))
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), x[0])["params"]
+    params = jax.tree.map(lambda s: jnp.asarray(0.5 * rng.normal(size=s.shape) + 0.5), shapes)
+    learner = mamlpp(loss_fn, inner_steps=2, inner_lr=0.3, outer=optax.sgd(1.0), multi_step_loss=False,
+                     learn_inner_lr=False, derivative_order_anneal_steps=1, per_step_bn=True, has_aux=True)
+    state = learner.init(params)
+    meta, lrs = mamlpp_params(state)
+    assert meta["bn_2"]["scale"].shape == (3, 4) and meta["conv_2"]["kernel"].shape == (3, 3, 4, 4)
+    assert lrs["bn_2"]["scale"] is None and lrs["conv_2"]["kernel"].shape == (2,)
+
+    @jax.jit
+    def bn_grads(meta):
+        def grad(weights, first_order):
+            g = jax.grad(lambda p: mamlpp_objective(loss_fn, p, lrs, tasks, weights=weights, first_order=first_order,
+                                                    has_aux=True, per_step=is_batch_norm)[0])(meta)
+            # |gradient| of each row, summed over all batch-norm leaves: [steps + 1].
+            return sum(jnp.abs(v).sum(axis=1) for k, v in jax.tree_util.tree_leaves_with_path(g)
+                       if is_batch_norm(k, v))
+        return grad(final_step_weights(2), True), grad(jnp.array([0.5, 0.5]), True), grad(final_step_weights(2), False)
+
+    final_fo, msl_fo, final_exact = (np.asarray(g) for g in bn_grads(meta))
+    # First order, final-step loss: only row 2 (the adapted network's) is on the differentiated path.
+    assert final_fo[2] > 1e-6 and final_fo[0] == 0 and final_fo[1] == 0
+    # First order, multi-step loss: the query losses after steps 1 and 2 use rows 1 and 2; row 0 (the
+    # unadapted network) only enters through the support gradient, which first order stops.
+    assert msl_fo[1] > 1e-6 and msl_fo[2] > 1e-6 and msl_fo[0] == 0
+    # Exact second order: rows 0 and 1 shape the support gradients of steps 1 and 2, so all rows learn.
+    assert np.all(final_exact > 1e-6)
+
+    # The learner's first (first-order, final-step) SGD update moves row 2 only.
+    new, metrics = jax.jit(learner.step)(state, tasks)
+    new_meta = mamlpp_params(new)[0]
+    for name in ("bn_0", "bn_3"):
+        moved = np.abs(np.asarray(new_meta[name]["scale"] - meta[name]["scale"])).sum(axis=1)
+        assert moved[0] == 0 and moved[1] == 0 and moved[2] > 0
+    # Per-step evaluation sees the same rows: the losses before and after 2 steps are the step's metrics.
+    result = mamlpp_evaluate(loss_fn, meta, lrs, tasks, has_aux=True, chunk_size=None, per_step=is_batch_norm)
+    np.testing.assert_allclose(np.asarray(result.mean["loss"])[[0, 2]], [metrics["query_loss_pre"], metrics["query_loss_post"]],
+                               rtol=1e-10)
 
 
 # ----------------------------------------------------------------------------- iMAML
@@ -366,7 +472,7 @@ def test_imaml_implicit_gradient_matches_the_closed_form():
 def test_conjugate_gradient_solves_a_pytree_system():
     m = jnp.asarray(spd(np.random.default_rng(16), 5, 0.5, 4.0))
     rhs = {"a": jnp.arange(2.0), "b": jnp.array([1.0, -1.0, 3.0])}
-    ravel = lambda v: jax.flatten_util.ravel_pytree(v)[0]  # noqa: E731
+    ravel = lambda v: jax.flatten_util.ravel_pytree(v)[0]
     unravel = jax.flatten_util.ravel_pytree(rhs)[1]
     got = jax.jit(lambda r: conjugate_gradient(lambda v: unravel(m @ ravel(v)), r, steps=5))(rhs)
     np.testing.assert_allclose(flat(got), np.linalg.solve(m, flat(rhs)), rtol=1e-9)
@@ -378,7 +484,7 @@ def test_imaml_on_a_network_matches_a_dense_hessian_solve():
     lam, steps, lr = 4.0, 100, 0.1
     grad, _, _ = jax.jit(lambda p: imaml_gradient(mlp_loss, p, tasks, steps=steps, lr=lr, lam=lam, cg_steps=30))(
         params)
-    flat_params, unravel = jax.flatten_util.ravel_pytree(params)
+    unravel = jax.flatten_util.ravel_pytree(params)[1]
 
     @jax.jit
     def dense(task):
@@ -388,7 +494,7 @@ def test_imaml_on_a_network_matches_a_dense_hessian_solve():
         v = jax.grad(lambda v: mlp_loss(unravel(v), task.query))(phi)
         return jnp.linalg.solve(jnp.eye(phi.size) + h / lam, v)
 
-    want = np.mean([dense(jax.tree.map(lambda t: t[i], tasks)) for i in range(2)], axis=0)
+    want = np.mean([dense(jax.tree.map(functools.partial(lambda i, t: t[i], i), tasks)) for i in range(2)], axis=0)
     np.testing.assert_allclose(flat(grad), want, rtol=1e-6, atol=1e-9)
 
 
@@ -401,7 +507,7 @@ def test_differentiating_through_adam_needs_eps_root():
     x = jnp.array([[1.0, 0.0], [2.0, 0.0], [-1.0, 0.0]])
     xq = jnp.array([[1.0, 1.0], [0.5, -2.0]])
     support, query = (x, x @ jnp.array([2.0, 1.0])), (xq, xq @ jnp.array([2.0, 1.0]))
-    loss = lambda w, b: jnp.mean((b[0] @ w - b[1]) ** 2)  # noqa: E731
+    loss = lambda w, b: jnp.mean((b[0] @ w - b[1]) ** 2)
 
     def meta(w, eps_root):
         adapted = inner_adapt(loss, w, support, steps=3, optimizer=optax.adam(0.1, eps_root=eps_root))

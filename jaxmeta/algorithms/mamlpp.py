@@ -16,16 +16,21 @@ Each stabiliser is a switch of :func:`mamlpp`:
 * **Cosine annealing of the outer learning rate (CA)**: the outer updates are
   scaled by ``optax.cosine_decay_schedule(1, total_steps, alpha)``, which for
   Adam or SGD is cosine annealing of the meta learning rate.
+* **Per-step batch-norm weights and biases (BNWB)**, with ``per_step_bn=True``:
+  every batch-norm leaf (:func:`is_batch_norm`; any predicate on key paths)
+  gets a leading ``[inner_steps + 1]`` axis, and the network after ``t`` inner
+  steps uses row ``t``: the support loss of step ``t + 1`` and the query loss
+  after ``t`` steps see row ``t`` (row 0 the initialisation, row ``N`` the
+  adapted network).  The rows are meta-learned and not adapted in the inner
+  loop (the reference code's default), so the inner loop adapts the other
+  leaves only.  It is a composition, not a model change: the step's rows are
+  selected by :func:`per_step_view` and merged into ordinary parameters
+  before ``loss_fn`` sees them.
 
-Not implemented here, because they are properties of the *model* rather than
-of the algorithm: per-step batch-norm running statistics (BNRS) and per-step
-batch-norm weights and biases (BNWB).  jaxmeta's
-:class:`~jaxmeta.models.Conv4` uses stateless transductive batch norm (no
-running statistics at all, the MAML reference setting), and per-step BN
-affine parameters need a model whose ``apply`` takes the inner-step index.
-A model that wants BNWB can take the step's BN parameters as part of its
-params and select them itself; the learned per-step rates here already
-cover every leaf, BN scales and biases included.
+Per-step batch-norm running statistics (BNRS) have nothing to act on here:
+:class:`~jaxmeta.models.Conv4` uses stateless transductive batch norm, so
+every inner step already normalises with the statistics of its own batch and
+no running averages exist to be kept per step.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxmeta.algorithms.anil import head_split
 from jaxmeta.algorithms.base import (
     MetaLearner,
     MetaState,
@@ -48,6 +54,12 @@ from jaxmeta.algorithms.base import (
 )
 from jaxmeta.inner import LossFn, loss_value
 from jaxmeta.types import Batch, Params, PyTree, Task
+
+StepView = Callable[[Params, jax.Array], Params]
+"""``at_step(params, t) -> params``: the parameters the loss sees after ``t`` inner steps."""
+
+LeafPredicate = Callable[[tuple, object], bool]
+"""``predicate(key_path, leaf) -> bool`` on :func:`jax.tree_util` key paths."""
 
 
 def msl_weights(
@@ -93,6 +105,61 @@ def per_step_lr(params: Params, inner_lr: float, steps: int) -> PyTree:
     return jax.tree.map(lambda p: jnp.full((steps,), inner_lr, jnp.result_type(p)), params)
 
 
+def is_batch_norm(path: tuple, leaf: object) -> bool:
+    """Whether a leaf belongs to a batch-norm layer: a key on its path starts with ``bn`` or ``BatchNorm``.
+
+    Matches :class:`~jaxmeta.models.Conv4`'s ``bn_{k}/scale`` and ``bn_{k}/bias``
+    and Flax's default ``BatchNorm_{k}`` names.
+    """
+    del leaf
+    return any(str(getattr(k, "key", "")).startswith(("bn", "BatchNorm")) for k in path)
+
+
+def per_step_init(params: Params, steps: int, per_step: LeafPredicate = is_batch_norm) -> Params:
+    """``params`` with every ``per_step`` leaf repeated along a new leading ``[steps + 1]`` axis.
+
+    Row ``t`` is the leaf of the network after ``t`` inner steps; all rows
+    start equal to the given leaf.
+
+    Raises:
+      ValueError: no leaf matches ``per_step``.
+    """
+    split, merge = head_split(per_step)
+    shared, rows = split(params)
+    if not jax.tree.leaves(rows):
+        raise ValueError("no parameter leaf matches the per-step predicate (no batch-norm layer?)")
+    return merge(shared, jax.tree.map(lambda a: jnp.repeat(jnp.asarray(a)[None], steps + 1, axis=0), rows))
+
+
+def per_step_view(params: Params, per_step: LeafPredicate = is_batch_norm) -> tuple[Params, StepView]:
+    """Splits per-step parameters into the inner loop's part and a view of step ``t``.
+
+    Args:
+      params: parameters whose ``per_step`` leaves have a leading ``[steps + 1]``
+        axis (:func:`per_step_init`).
+      per_step: which leaves are per step.
+
+    Returns:
+      ``(shared, at_step)``: ``shared`` is ``params`` with ``None`` in place of
+      the per-step leaves (what the inner loop adapts), and
+      ``at_step(shared, t)`` fills in row ``t`` of every per-step leaf (``t``
+      clipped to the last row), giving ordinary parameters for ``loss_fn``.
+      Gradients reach the rows through ``at_step``.
+    """
+    split, merge = head_split(per_step)
+    shared, rows = split(params)
+
+    def at_step(p: Params, t: jax.Array) -> Params:
+        return merge(p, jax.tree.map(lambda a: a[jnp.minimum(t, a.shape[0] - 1)], rows))
+
+    return shared, at_step
+
+
+def _identity_view(params: Params, t: jax.Array) -> Params:
+    del t
+    return params
+
+
 def _stop_if(first_order: bool | jax.Array, grads: PyTree) -> PyTree:
     """``stop_gradient(grads)`` when ``first_order``; a traced flag selects with ``lax.cond``."""
     if isinstance(first_order, bool):
@@ -110,6 +177,7 @@ def adapt_per_step(
     remat: bool = False,
     has_aux: bool = False,
     observe: Callable[[Params], PyTree] | None = None,
+    at_step: StepView | None = None,
 ) -> tuple[Params, PyTree]:
     """SGD on ``batch`` with a different learning rate at every step (one ``lax.scan``).
 
@@ -126,6 +194,9 @@ def adapt_per_step(
       remat: rematerialise each step in the backward pass.
       has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
       observe: ``observe(params)`` recorded *after* every step.
+      at_step: ``at_step(params, t)``, the parameters ``loss_fn`` and
+        ``observe`` see after ``t`` steps (per-step batch norm,
+        :func:`per_step_view`); the identity by default.
 
     Returns:
       ``(adapted params, observations)``, the observations stacked along a
@@ -135,15 +206,18 @@ def adapt_per_step(
         if not (hasattr(lrs, "ndim") and lrs.ndim == 1):
             raise ValueError("lrs must be a pytree like params with [steps] leaves, or a [steps] array")
         lrs = jax.tree.map(lambda _: lrs, params)
-    grad_fn = jax.grad(lambda p: loss_value(loss_fn, p, batch, has_aux=has_aux)[0])
+    view = _identity_view if at_step is None else at_step
+    steps = jax.tree.leaves(lrs)[0].shape[0]
 
-    def step(p, lr):
-        grads = _stop_if(first_order, grad_fn(p))
+    def step(p, xs):
+        lr, t = xs
+        grads = jax.grad(lambda q: loss_value(loss_fn, view(q, t), batch, has_aux=has_aux)[0])(p)
+        grads = _stop_if(first_order, grads)
         p = jax.tree.map(lambda x, g, r: x - r * g, p, grads, lr)
-        return p, (None if observe is None else observe(p))
+        return p, (None if observe is None else observe(view(p, t + 1)))
 
     body = jax.checkpoint(step) if remat else step
-    return jax.lax.scan(body, params, lrs)
+    return jax.lax.scan(body, params, (lrs, jnp.arange(steps)))
 
 
 def mamlpp_task_objective(
@@ -156,23 +230,26 @@ def mamlpp_task_objective(
     first_order: bool | jax.Array = False,
     remat: bool = False,
     has_aux: bool = False,
+    at_step: StepView | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """One task's multi-step loss ``Σ_i weights[i] · L_query(φ_i)`` and its metrics.
 
-    ``φ_i`` are the parameters after ``i = 1..N`` inner steps.  The metrics hold
-    the query loss (and aux values) before adaptation (``query_*_pre``, no
-    gradient) and after the final step (``query_*_post``).
+    ``φ_i`` are the parameters after ``i = 1..N`` inner steps (seen through
+    ``at_step(·, i)``, see :func:`adapt_per_step`).  The metrics hold the query
+    loss (and aux values) before adaptation (``query_*_pre``, no gradient) and
+    after the final step (``query_*_post``).
     """
+    view = _identity_view if at_step is None else at_step
 
     def observe(p):
         return scored(loss_fn, p, task.query, "query", has_aux=has_aux)
 
     _, (losses, seen) = adapt_per_step(
         loss_fn, params, task.support, lrs=lrs, first_order=first_order, remat=remat, has_aux=has_aux,
-        observe=observe,
+        observe=observe, at_step=at_step,
     )
     objective = jnp.sum(weights * losses)
-    _, pre = scored(loss_fn, jax.lax.stop_gradient(params), task.query, "query", has_aux=has_aux)
+    _, pre = scored(loss_fn, jax.lax.stop_gradient(view(params, 0)), task.query, "query", has_aux=has_aux)
     metrics = {f"{k}_pre": v for k, v in pre.items()}
     metrics.update({f"{k}_post": v[-1] for k, v in seen.items()})
     return objective, metrics
@@ -189,6 +266,7 @@ def mamlpp_objective(
     remat: bool = False,
     has_aux: bool = False,
     chunk_size: int | None = None,
+    per_step: LeafPredicate | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The MAML++ meta-objective on a batch of tasks: ``(mean multi-step loss, mean metrics)``.
 
@@ -203,10 +281,17 @@ def mamlpp_objective(
       remat: rematerialise inner steps.
       has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
       chunk_size: tasks per chunk (``None``: all tasks in one ``vmap``).
+      per_step: ``None``, or which leaves of ``params`` are per step (a
+        predicate such as :func:`is_batch_norm`): those have a leading
+        ``[steps + 1]`` axis (:func:`per_step_init`), are not adapted, and
+        ``lrs`` holds ``None`` in their place.
 
     Returns:
       ``(loss, metrics)``; differentiable with respect to ``params`` and ``lrs``.
     """
+    at_step = None
+    if per_step is not None:
+        params, at_step = per_step_view(params, per_step)
     objective = functools.partial(
         mamlpp_task_objective,
         loss_fn,
@@ -214,6 +299,7 @@ def mamlpp_objective(
         first_order=first_order,
         remat=remat,
         has_aux=has_aux,
+        at_step=at_step,
     )
     losses, metrics = map_tasks(lambda task: objective(params, lrs, task), tasks, chunk_size)
     return losses.mean(), mean_metrics(metrics)
@@ -223,13 +309,16 @@ def mamlpp_params(state: MetaState | dict[str, PyTree]) -> tuple[Params, PyTree]
     """The meta-learned ``(params, lrs)`` of a MAML++ state (``lrs`` leaves are ``[steps]``).
 
     Evaluate with :func:`mamlpp_evaluate` (one rate per step), or with
-    ``jaxmeta.evaluate(..., lr=...)`` and a single rate.
+    ``jaxmeta.evaluate(..., lr=...)`` and a single rate.  With per-step batch
+    norm the batch-norm leaves of ``params`` are ``[steps + 1, ...]`` rows and
+    ``lrs`` is ``None`` there: pass ``per_step=is_batch_norm`` to
+    :func:`mamlpp_evaluate`.
     """
     meta = state.params if isinstance(state, MetaState) else state
     return meta["params"], meta["lr"]
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn", "has_aux", "chunk_size"))
+@functools.partial(jax.jit, static_argnames=("loss_fn", "has_aux", "chunk_size", "per_step"))
 def mamlpp_evaluate(
     loss_fn: LossFn,
     params: Params,
@@ -238,6 +327,7 @@ def mamlpp_evaluate(
     *,
     has_aux: bool = False,
     chunk_size: int | None = 50,
+    per_step: LeafPredicate | None = None,
 ):
     """:func:`jaxmeta.evaluate` with per-step rates: query metrics after 0..N steps.
 
@@ -248,19 +338,27 @@ def mamlpp_evaluate(
       tasks: test tasks with a leading task axis.
       has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
       chunk_size: tasks adapted at once; ``None`` for all.
+      per_step: the per-step leaves (e.g. :func:`is_batch_norm`) of a learner
+        trained with ``per_step_bn=True``; ``None`` otherwise.
 
     Returns:
       A :class:`jaxmeta.EvalResult` with ``[N + 1]`` means and CIs.
     """
     from jaxmeta.evaluation import EvalResult, ci95  # lazy: evaluation imports the algorithms package
 
+    at_step = None
+    if per_step is not None:
+        params, at_step = per_step_view(params, per_step)
+    view = _identity_view if at_step is None else at_step
+
     def per_task(task):
         def observe(p):
             loss, aux = loss_value(loss_fn, p, task.query, has_aux=has_aux)
             return {"loss": loss, **aux}
 
-        _, seen = adapt_per_step(loss_fn, params, task.support, lrs=lrs, has_aux=has_aux, observe=observe)
-        return jax.tree.map(lambda a, s: jnp.concatenate([a[None], s]), observe(params), seen)
+        _, seen = adapt_per_step(loss_fn, params, task.support, lrs=lrs, has_aux=has_aux, observe=observe,
+                                 at_step=at_step)
+        return jax.tree.map(lambda a, s: jnp.concatenate([a[None], s]), observe(view(params, 0)), seen)
 
     num_tasks = jax.tree.leaves(tasks)[0].shape[0]
     chunk = None if chunk_size is None or chunk_size >= num_tasks else chunk_size
@@ -283,6 +381,8 @@ def mamlpp(
     cosine_outer: bool = False,
     total_steps: int | None = None,
     cosine_alpha: float = 0.0,
+    per_step_bn: bool = False,
+    bn_leaves: LeafPredicate = is_batch_norm,
     remat: bool = False,
     has_aux: bool = False,
     chunk_size: int | None = None,
@@ -294,7 +394,9 @@ def mamlpp(
     them with :func:`mamlpp_params`.  With ``learn_inner_lr=False`` the rates
     stay fixed (the outer optimiser is masked on them).  With every switch
     off (``multi_step_loss=False, learn_inner_lr=False``, no annealing) a
-    step is exactly a MAML step.
+    step is exactly a MAML step.  With ``per_step_bn`` the ``bn_leaves`` of θ
+    are ``[inner_steps + 1, ...]`` rows, one per inner step (BNWB, see the
+    module docstring), and ``lrs`` is ``None`` in their place.
 
     Args:
       loss_fn: ``loss_fn(params, (x, y))`` (scalar, or ``(scalar, aux)`` with ``has_aux``).
@@ -313,6 +415,11 @@ def mamlpp(
       cosine_outer: anneal the outer learning rate with a cosine over ``total_steps``.
       total_steps: meta-steps of the cosine schedule (required with ``cosine_outer``).
       cosine_alpha: final outer learning rate as a fraction of the initial one.
+      per_step_bn: meta-learn one copy of every batch-norm scale and bias per
+        inner step (BNWB), used by the network after that many steps and not
+        adapted in the inner loop.
+      bn_leaves: which leaves are batch norm (a key-path predicate;
+        :func:`is_batch_norm` matches ``Conv4``).
       remat: rematerialise each inner step.
       has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
       chunk_size: tasks per chunk (``None``: all tasks in one ``vmap``).
@@ -323,7 +430,8 @@ def mamlpp(
       final step; aux values likewise) and ``grad_norm``.
 
     Raises:
-      ValueError: ``inner_steps < 1``, or ``cosine_outer`` without ``total_steps``.
+      ValueError: ``inner_steps < 1``, or ``cosine_outer`` without ``total_steps``;
+        (from ``init``) ``per_step_bn`` and no leaf matches ``bn_leaves``.
     """
     if inner_steps < 1:
         raise ValueError(f"inner_steps must be >= 1, got {inner_steps}")
@@ -335,13 +443,20 @@ def mamlpp(
     if not learn_inner_lr:
         outer = optax.multi_transform(
             {"params": outer, "lr": optax.set_to_zero()},
-            lambda meta: {k: jax.tree.map(lambda _: k, v) for k, v in meta.items()},
+            lambda meta: {k: jax.tree.map(lambda _, label=k: label, v) for k, v in meta.items()},
         )
     if multi_step_loss:
         msl_weights(0, steps=inner_steps, anneal_steps=msl_anneal_steps)  # validate now, not at trace time
 
+    per_step = bn_leaves if per_step_bn else None
+
     def init(params: Params) -> MetaState:
-        return init_state(outer, {"params": params, "lr": per_step_lr(params, inner_lr, inner_steps)})
+        if per_step is not None:
+            params = per_step_init(params, inner_steps, per_step)
+            adapted, _ = per_step_view(params, per_step)
+        else:
+            adapted = params
+        return init_state(outer, {"params": params, "lr": per_step_lr(adapted, inner_lr, inner_steps)})
 
     def step(state: MetaState, tasks: Task):
         if multi_step_loss:
@@ -366,6 +481,7 @@ def mamlpp(
                 remat=remat,
                 has_aux=has_aux,
                 chunk_size=chunk_size,
+                per_step=per_step,
             )
 
         (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
