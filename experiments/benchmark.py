@@ -1,8 +1,9 @@
 """Meta-step performance: compile time, step time, peak memory, FLOPs, fraction of the matmul peak.
 
     python -m experiments.benchmark --task sinusoid|omniglot [--ways N] [--shots K] [--queries Q]
-        [--meta-batch B] [--inner-steps S] [--algo maml|fomaml|reptile|pretrain] [--remat]
+        [--meta-batch B] [--inner-steps S] [--algo maml|fomaml|reptile|pretrain|...] [--remat]
         [--chunk-size C] [--conv-impl auto|patches|native] [--json OUT] [--torch]
+    python -m experiments.benchmark --compare maml,anil [same problem options] [--json OUT]
     python -m experiments.benchmark --sweep [--quick] [--out DIR] [--settings ...] [--algos ...] [--torch]
 
 One configuration: compiles the meta-step ahead of time (trace + lower +
@@ -10,6 +11,11 @@ compile), times it one meta-step per dispatch and many per dispatch (the
 compiled training loop), tasks sampled on the device inside the timed step,
 reads XLA's memory analysis and counts the FLOPs, and measures the fp32 matmul
 peak of the machine in the same process.  ``--json OUT`` writes the result.
+
+``--compare A,B,...`` times the algorithms' training loops side by side on one
+configuration (round-robin dispatches of ``--steps-per-dispatch`` meta-steps,
+``--repeats`` rounds) and reports each median ms/step and its ratio to the
+first algorithm, e.g. ANIL against MAML on Omniglot 5-way 1-shot.
 
 The sweep runs algorithms x inner steps {1, 5, 10, 25} x remat {off, on} for
 Omniglot 5-way 1-shot (B 32, Q 15), 20-way 1-shot (B 16, Q 15) and the
@@ -26,14 +32,14 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from jaxmeta.algorithms.registry import ALGORITHMS
 from jaxmeta.cli import ArgumentParser, choice_list, int_list, positive_float, positive_int, run, writable_dir
 from jaxmeta.errors import ConfigError
 
-TORCH_CONFIG = dict(task="omniglot", algo="maml", ways=5, shots=1, queries=15, meta_batch=32, inner_steps=1,
-                    remat=False, chunk_size=None)
+TORCH_CONFIG = {"task": "omniglot", "algo": "maml", "ways": 5, "shots": 1, "queries": 15, "meta_batch": 32,
+                "inner_steps": 1, "remat": False, "chunk_size": None}
 """The configuration the PyTorch comparison is made on."""
 
 
@@ -74,6 +80,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--torch", action="store_true",
                         help="add the PyTorch comparison (5-way 1-shot B32 Q15, 1 step, second order)")
     parser.add_argument("--torch-repeats", type=positive_int, default=5, help="timed torch meta-steps per style")
+    parser.add_argument("--compare", type=choice_list(ALGORITHMS), metavar="ALGOS",
+                        help="time these algorithms side by side on the configuration (median ms/step and "
+                        "ratio to the first), comma-separated, e.g. maml,anil")
     parser.add_argument("--sweep", action="store_true", help="run the sweep instead of one configuration")
     parser.add_argument("--quick", action="store_true", help="a small sweep: inner steps 1 and 5, fewer timings")
     parser.add_argument("--out", default="runs/benchmark", help="sweep output directory")
@@ -162,7 +171,7 @@ def torch_comparison(jax_result: dict | None, args) -> dict:
     """
     torch_reference = _torch_module()
     steps = args.steps_per_dispatch or 5
-    log = lambda m: _say(f"[torch] {m}")  # noqa: E731
+    log = lambda m: _say(f"[torch] {m}")
     others = _jax_contestants(steps, log)
     report = torch_reference.compare(repeats=args.torch_repeats, log=log, others=others)
     jax_ms = {name: row["ms_per_step"] for name, row in report["others"].items() if "ms_per_step" in row}
@@ -206,6 +215,26 @@ def run_single(args) -> dict:
     return result
 
 
+def run_compare(args) -> dict:
+    from jaxmeta import benchmarking as bm
+    from jaxmeta.io import write_json
+
+    if args.sweep or args.torch:
+        raise ConfigError("--compare runs alone: drop --sweep and --torch")
+    if len(args.compare) < 2 or len(set(args.compare)) != len(args.compare):
+        raise ConfigError(f"--compare needs two or more different algorithms, got {','.join(args.compare)}")
+    config = config_from_args(args)
+    if args.json:
+        writable_dir(os.path.dirname(os.path.abspath(args.json)))
+    _say(f"{config.label().replace(f' {config.algo} ', ' ')}: comparing {', '.join(args.compare)}")
+    report = bm.compare_algorithms(config, args.compare, log=lambda m: _say(f"  {m}"))
+    if args.json:
+        write_json(args.json, report)
+        _say(f"wrote {args.json}")
+    print(bm.comparison_line(report))
+    return report
+
+
 def run_sweep(args) -> dict:
     from jaxmeta import benchmarking as bm
     from jaxmeta.io import atomic_write_text, write_json
@@ -232,11 +261,11 @@ def run_sweep(args) -> dict:
         sweep["wall_s"] = time.perf_counter() - started
         write_json(os.path.join(out_dir, "sweep.json"), sweep)
         md = ["# jaxmeta benchmark sweep\n",
-              f"Device: {sweep['device']['backend']} ({sweep['device']['device_kind']}, "
-              f"{sweep['device']['cpu_count']} CPU cores), jax {sweep['device']['jax']}; "
-              f"fp32 matmul peak {peak['peak_gflops']:.1f} GFLOP/s (2048x2048, best of {len(peak['times_s'])}).\n",
-              "ms/step (many/dispatch): meta-steps run in one compiled scan; 1/dispatch: one meta-step per call. "
-              "Peak: XLA memory analysis (temp + arguments + outputs); step MiB excludes the image pool.\n",
+              (f"Device: {sweep['device']['backend']} ({sweep['device']['device_kind']}, "
+               f"{sweep['device']['cpu_count']} CPU cores), jax {sweep['device']['jax']}; "
+               f"fp32 matmul peak {peak['peak_gflops']:.1f} GFLOP/s (2048x2048, best of {len(peak['times_s'])}).\n"),
+              ("ms/step (many/dispatch): meta-steps run in one compiled scan; 1/dispatch: one meta-step per call. "
+               "Peak: XLA memory analysis (temp + arguments + outputs); step MiB excludes the image pool.\n"),
               bm.format_table(results), "\n## Targets\n", bm.format_targets(sweep["targets"])]
         if sweep.get("torch"):
             md.append("\n## PyTorch comparison (5-way 1-shot B32 Q15, 1 step, second order)\n")
@@ -281,6 +310,8 @@ def _torch_markdown(report: dict) -> str:
 
 def main(argv: Sequence[str] | None = None):
     args = build_parser().parse_args(argv)
+    if args.compare:
+        return run_compare(args)
     return run_sweep(args) if args.sweep else run_single(args)
 
 

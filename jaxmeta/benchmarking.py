@@ -32,12 +32,14 @@ import math
 import platform
 import statistics
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxmeta.algorithms.anil import flax_anil_fns
 from jaxmeta.algorithms.registry import ALGORITHMS, make_learner
 from jaxmeta.errors import ConfigError
 from jaxmeta.io import save_figure
@@ -182,6 +184,7 @@ def build_problem(config: BenchConfig) -> BenchProblem:
         from jaxmeta.models import MLP, regression_loss
 
         model = MLP()
+        make_loss, head = regression_loss, "Dense_2"
         loss_fn, has_aux = regression_loss(model), False
         params = model.init(init_key, jnp.zeros((1, 1)))["params"]
         data = jnp.zeros((0,), jnp.float32)
@@ -194,6 +197,7 @@ def build_problem(config: BenchConfig) -> BenchProblem:
         from jaxmeta.models import classification_loss, conv4_omniglot
 
         model = conv4_omniglot(config.ways, conv_impl=config.conv_impl)
+        make_loss, head = classification_loss, "head"
         loss_fn, has_aux = classification_loss(model), True
         params = model.init(init_key, jnp.zeros((1, 28, 28, 1)))["params"]
         data = jax.device_put(jax.random.uniform(data_key, (config.classes, 20, 28, 28, 1), jnp.float32))
@@ -212,6 +216,8 @@ def build_problem(config: BenchConfig) -> BenchProblem:
         has_aux=has_aux,
         remat=config.remat,
         chunk_size=config.chunk_size,
+        anil_fns=flax_anil_fns(model, make_loss, head=head) if config.algo == "anil" else None,
+        anil_head=head,
     )
     return BenchProblem(learner, params, sample, data)
 
@@ -219,11 +225,19 @@ def build_problem(config: BenchConfig) -> BenchProblem:
 # --------------------------------------------------------------------------- FLOPs
 
 _ELEMENTWISE = frozenset(
-    """add add_any sub mul div rem max min neg abs sign exp exp2 log log1p expm1 tanh logistic
-    sin cos tan sqrt rsqrt cbrt pow integer_pow square erf erf_inv atan2 select_n clamp
-    floor ceil round nextafter reciprocal""".split()
+    [
+        "abs", "add", "add_any", "atan2", "cbrt", "ceil", "clamp", "cos", "div", "erf", "erf_inv", "exp",
+        "exp2", "expm1", "floor", "integer_pow", "log", "log1p", "logistic", "max", "min", "mul", "neg",
+        "nextafter", "pow", "reciprocal", "rem", "round", "rsqrt", "select_n", "sign", "sin", "sqrt",
+        "square", "sub", "tan", "tanh"
+    ]
 )
-_REDUCTIONS = frozenset("reduce_sum reduce_max reduce_min reduce_prod argmax argmin cumsum cummax cummin cumprod cumlogsumexp".split())
+_REDUCTIONS = frozenset(
+    [
+        "argmax", "argmin", "cumlogsumexp", "cummax", "cummin", "cumprod", "cumsum", "reduce_max",
+        "reduce_min", "reduce_prod", "reduce_sum"
+    ]
+)
 
 
 def _size(aval) -> int:
@@ -553,12 +567,78 @@ def benchmark(
     return result
 
 
+def compare_algorithms(
+    config: BenchConfig, algos: tuple[str, ...], *, log: Callable[[str], None] | None = None
+) -> dict:
+    """Times several algorithms on ``config``'s problem side by side; ratios to the first.
+
+    Each algorithm's many-steps-per-dispatch program (the training loop) is
+    compiled ahead of time and warmed up; then ``config.repeats`` rounds each
+    time one dispatch of ``config.steps_per_dispatch`` meta-steps per
+    algorithm, in turn, so that every algorithm sees the same load on a shared
+    machine.
+
+    Args:
+      config: the problem, inner steps and timing options (its ``algo`` is ignored).
+      algos: two or more algorithm names; the first is the baseline.
+      log: progress messages.
+
+    Returns:
+      ``{"config", "device", "baseline", "algos": {algo: {"ms_per_step", spread..., "compile_s",
+      "ratio_to_baseline", "speedup_vs_baseline", "paired_ratio_median"}}}``, times in ms per
+      meta-step (medians); ``ratio_to_baseline`` is the ratio of the medians,
+      ``paired_ratio_median`` the median over rounds of the ratio within a
+      round (robust to load that changes between rounds).
+
+    Raises:
+      ConfigError: fewer than two algorithms, or a repeated one.
+    """
+    log = log or (lambda _msg: None)
+    if len(algos) < 2 or len(set(algos)) != len(algos):
+        raise ConfigError(f"compare needs two or more different algorithms, got {', '.join(algos)}")
+    runs = {}
+    for algo in algos:
+        problem = build_problem(dataclasses.replace(config, algo=algo))
+        state = init_train_state(problem.learner, problem.params, jax.random.PRNGKey(config.seed + 1))
+        log(f"compiling {algo}: {config.steps_per_dispatch} meta-steps per dispatch")
+        compiled, _, phases = _compile(step_programs(problem, config.steps_per_dispatch)[1], state, problem.data)
+        state, _ = _timed_calls(compiled, state, problem.data, max(config.warmup, 1))
+        runs[algo] = {"compiled": compiled, "state": state, "data": problem.data, "compile_s": phases["total_s"],
+                      "times": []}
+    log(f"timing {config.repeats} rounds of {', '.join(algos)} in turn")
+    for _ in range(config.repeats):
+        for run in runs.values():
+            run["state"], times = _timed_calls(run["compiled"], run["state"], run["data"], 1)
+            run["times"] += [1e3 * t / config.steps_per_dispatch for t in times]
+    base_times = runs[algos[0]]["times"]
+    base = statistics.median(base_times)
+    rows = {}
+    for algo, run in runs.items():
+        ms = statistics.median(run["times"])
+        paired = statistics.median(t / b for t, b in zip(run["times"], base_times))
+        rows[algo] = {"ms_per_step": ms, **spread(run["times"]), "compile_s": run["compile_s"],
+                      "ratio_to_baseline": ms / base, "speedup_vs_baseline": base / ms,
+                      "paired_ratio_median": paired}
+    return {"config": {**config.as_dict(), "algo": None}, "device": device_description(), "baseline": algos[0],
+            "steps_per_dispatch": config.steps_per_dispatch, "algos": rows}
+
+
+def comparison_line(report: dict) -> str:
+    """The comparison in one line: each algorithm's median and its ratio to the baseline."""
+    base = report["baseline"]
+    parts = [f"{algo} {row['ms_per_step']:.4g} ms/step" + ("" if algo == base else
+             f" ({row['ratio_to_baseline']:.2f}x {base}'s time, {row['speedup_vs_baseline']:.2f}x faster;"
+             f" paired per round {row['paired_ratio_median']:.2f}x)")
+             for algo, row in report["algos"].items()]
+    return "; ".join(parts)
+
+
 # --------------------------------------------------------------------------- the sweep
 
 SWEEP_SETTINGS = {
-    "omniglot5": dict(task="omniglot", ways=5, shots=1, queries=15, meta_batch=32),
-    "omniglot20": dict(task="omniglot", ways=20, shots=1, queries=15, meta_batch=16),
-    "sinusoid": dict(task="sinusoid", shots=10, queries=10, meta_batch=25),
+    "omniglot5": {"task": "omniglot", "ways": 5, "shots": 1, "queries": 15, "meta_batch": 32},
+    "omniglot20": {"task": "omniglot", "ways": 20, "shots": 1, "queries": 15, "meta_batch": 16},
+    "sinusoid": {"task": "sinusoid", "shots": 10, "queries": 10, "meta_batch": 25},
 }
 """The problem settings of the sweep, by name."""
 

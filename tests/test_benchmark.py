@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 def _cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run([sys.executable, "-m", "experiments.benchmark", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def test_cli_sinusoid_writes_json(tmp_path):
@@ -79,6 +79,9 @@ def test_cli_bad_input_is_one_line(args, message):
         (["--chunk-size", "0"], "--chunk-size"),
         (["--sweep", "--settings", "omniglot7"], "omniglot7"),
         (["--conv-impl", "fft"], "--conv-impl"),
+        (["--compare", "maml"], "two or more"),
+        (["--compare", "maml,anil", "--sweep"], "--compare runs alone"),
+        (["--compare", "maml,volcano"], "--compare"),
     ],
 )
 def test_bad_input_in_process(args, message, capsys):
@@ -90,6 +93,32 @@ def test_bad_input_in_process(args, message, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+
+
+def test_cli_compare_times_algorithms_side_by_side(tmp_path):
+    out = tmp_path / "compare.json"
+    proc = _cli("--task", "sinusoid", "--compare", "maml,anil", "--inner-steps", "2", "--repeats", "3",
+                "--steps-per-dispatch", "2", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert report["baseline"] == "maml" and list(report["algos"]) == ["maml", "anil"]
+    maml, anil = report["algos"]["maml"], report["algos"]["anil"]
+    assert maml["ratio_to_baseline"] == 1.0 and maml["n"] == anil["n"] == 3
+    assert anil["ratio_to_baseline"] == pytest.approx(anil["ms_per_step"] / maml["ms_per_step"])
+    assert anil["speedup_vs_baseline"] == pytest.approx(1 / anil["ratio_to_baseline"])
+    assert maml["paired_ratio_median"] == 1.0 and anil["paired_ratio_median"] > 0
+    assert anil["compile_s"] > 0 and report["config"]["inner_steps"] == 2
+    assert report["device"]["backend"] == jax.default_backend()
+    assert proc.stdout.startswith("maml ") and "anil " in proc.stdout and "faster" in proc.stdout
+
+
+def test_anil_benchmark_problem_on_omniglot_splits_off_the_conv4_head():
+    problem = bm.build_problem(bm.BenchConfig(task="omniglot", algo="anil", classes=10, meta_batch=2, queries=2))
+    state = problem.learner.init(problem.params)
+    tasks = problem.sample(jax.random.PRNGKey(0), problem.data)
+    new, metrics = jax.eval_shape(problem.learner.step, state, tasks)  # traces the step, compiles nothing
+    assert jax.tree.structure(new.params) == jax.tree.structure(problem.params)
+    assert {"loss", "query_loss_post"} <= set(metrics)
 
 
 def test_count_flops_multiplies_scans():
@@ -107,7 +136,7 @@ def test_count_flops_multiplies_scans():
 def test_count_flops_convolution():
     x = jnp.ones((2, 8, 8, 3))
     k = jnp.ones((3, 3, 3, 5))
-    conv = lambda x, k: jax.lax.conv_general_dilated(  # noqa: E731
+    conv = lambda x, k: jax.lax.conv_general_dilated(
         x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
     flops = bm.count_flops(jax.make_jaxpr(conv)(x, k))
     assert flops["matmul"] == 2 * (2 * 8 * 8 * 5) * (3 * 3 * 3)
