@@ -1,13 +1,19 @@
 """The sinusoid toy of the MAML paper: MAML vs first-order MAML, Reptile and pre-training.
 
     python -m experiments.sinusoid [--preset quick|paper] [--algos maml,fomaml,reptile,pretrain] [--out DIR]
+                                   [--train-shots 5,10,20]
 
 Each algorithm meta-trains on the same budget (a 1-40-40-1 ReLU MLP, K = 10
 support and query points per task, meta-batch 25, one inner SGD step at lr
 0.01, Adam 1e-3 outside), then adapts on 600 fixed test tasks with K = 5, 10,
 20 points, scoring the mean squared error on 100 held-out points of each task
-after every inner step.  Writes ``DIR/results.json``, ``DIR/toy_fit.png``,
-``DIR/learning_curves.png`` and prints a table with 95% confidence intervals.
+after every inner step.  As in the MAML paper (§5.1: "we fine-tune a single
+meta-learned model on varying numbers of K examples"; Appendix B: trained on
+10-shot, evaluated on 5-, 10- and 20-shot), one model per algorithm scores
+every test K.  ``--train-shots`` instead trains one model per K in its list
+and scores each test K with the model trained at that K.  Writes
+``DIR/results.json``, ``DIR/toy_fit.png``, ``DIR/learning_curves.png`` and
+prints a table with 95% confidence intervals.
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ class SinusoidConfig:
     log_every: int = 1_000
     seed: int = 0
     pretrain_lr_grid: tuple[float, ...] = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02)
+    train_shots: tuple[int, ...] = ()
 
     def validate(self) -> None:
         """Raises :class:`ConfigError` for impossible settings."""
@@ -66,6 +73,12 @@ class SinusoidConfig:
             raise ConfigError("eval-shots and eval-steps must not be empty")
         if self.test_tasks < 2:
             raise ConfigError("test-tasks must be at least 2 for a confidence interval")
+        untrained = sorted(set(self.eval_shots) - set(self.train_shots))
+        if self.train_shots and untrained:
+            raise ConfigError(
+                f"no model is trained for test K={untrained[0]}: add it to --train-shots "
+                f"({','.join(map(str, self.train_shots))})"
+            )
         if max(self.eval_shots) + self.query_points > self.test_points:
             raise ConfigError(
                 f"K={max(self.eval_shots)} support points plus {self.query_points} query points are more "
@@ -74,6 +87,22 @@ class SinusoidConfig:
 
 
 ANIL_HEAD = "Dense_2"  # the MLP's output layer
+
+
+def training_shots(config: SinusoidConfig) -> dict[int, int]:
+    """Which training K scores each test K: ``{test K: training K}``.
+
+    Without ``train_shots`` one model, trained at ``shots``, scores every test
+    K (the paper's protocol); with it, each test K uses the model trained at
+    that same K.
+    """
+    return {k: (k if config.train_shots else config.shots) for k in config.eval_shots}
+
+
+def model_config(config: SinusoidConfig, shots: int) -> SinusoidConfig:
+    """The configuration of the one model trained with ``shots`` support points."""
+    return dataclasses.replace(config, shots=shots, train_shots=())
+
 
 PRESETS = {
     "paper": SinusoidConfig(),
@@ -132,7 +161,7 @@ def train_algorithm(
 
 def _identity(config: SinusoidConfig) -> dict:
     evaluation_only = ("meta_steps", "log_every", "eval_shots", "eval_steps", "test_tasks", "query_points",
-                       "test_points", "pretrain_lr_grid")
+                       "test_points", "pretrain_lr_grid", "train_shots")
     return {k: v for k, v in dataclasses.asdict(config).items() if k not in evaluation_only}
 
 
@@ -158,47 +187,84 @@ def tuned_lr(config: SinusoidConfig, algo: str, params, shots: int) -> float:
     return config.pretrain_lr_grid[int(np.argmin(scores))]
 
 
-def evaluate_algorithm(config: SinusoidConfig, algo: str, meta_params, pool) -> dict:
-    """MSE on the fixed test tasks: ``{K: {steps: {"mean", "ci95"}}}``, full curves and rates used."""
+def evaluate_algorithm(
+    config: SinusoidConfig, algo: str, meta_params, pool, *, eval_shots: Sequence[int] | None = None
+) -> dict:
+    """MSE on the fixed test tasks: ``{K: {steps: {"mean", "ci95"}}}``, full curves and rates used.
+
+    Args:
+      config: the experiment.
+      algo: the algorithm that produced ``meta_params``.
+      meta_params: the trained model.
+      pool: the fixed test tasks of :func:`sinusoid.test_pool`.
+      eval_shots: the test K values to score (default: all of ``config.eval_shots``).
+
+    Returns:
+      ``{"mse", "median_mse", "curves", "test_lr", "nonfinite"}``, each keyed by
+      test K; ``nonfinite`` counts, per reported step, the test tasks whose
+      query MSE overflowed (their mean is then infinite).
+    """
     _, x, y = pool
     loss_fn = regression_loss(MLP())
-    out, medians, curves, rates = {}, {}, {}, {}
-    for shots in config.eval_shots:
+    out, medians, curves, rates, nonfinite = {}, {}, {}, {}, {}
+    for shots in config.eval_shots if eval_shots is None else eval_shots:
         inner_lr = rates[str(shots)] = tuned_lr(config, algo, meta_params, shots)
         params, lr = adaptation(algo, meta_params, inner_lr, head=ANIL_HEAD)
         tasks = sinusoid.pool_tasks(x, y, shots=shots, queries=config.query_points)
         result = evaluate(loss_fn, params, tasks, steps=max(config.eval_steps), lr=lr)
         mean, ci = np.asarray(result.mean["loss"]), np.asarray(result.ci95["loss"])
-        median = np.median(np.asarray(result.per_task["loss"]), axis=0)
+        per_task = np.asarray(result.per_task["loss"])
+        median = np.median(per_task, axis=0)
         out[str(shots)] = {str(s): {"mean": float(mean[s]), "ci95": float(ci[s])} for s in config.eval_steps}
         medians[str(shots)] = {str(s): float(median[s]) for s in config.eval_steps}
         curves[str(shots)] = {"mean": mean.tolist(), "ci95": ci.tolist()}
-    return {"mse": out, "median_mse": medians, "curves": curves, "test_lr": rates}
+        nonfinite[str(shots)] = {str(s): int(np.sum(~np.isfinite(per_task[:, s]))) for s in config.eval_steps}
+    return {"mse": out, "median_mse": medians, "curves": curves, "test_lr": rates, "nonfinite": nonfinite}
 
 
 def run_experiment(
     config: SinusoidConfig, algos: Sequence[str], out_dir: str, *, progress: bool = True, resume: bool = False
 ) -> dict:
-    """Trains and evaluates every algorithm; writes results and figures to ``out_dir``."""
+    """Trains and evaluates every algorithm; writes results and figures to ``out_dir``.
+
+    Each algorithm trains one model per distinct training K of
+    :func:`training_shots` (in ``out_dir/ALGO``, or ``out_dir/ALGO-kK`` when
+    there are several), and each test K is scored with its model.  The
+    ``config`` of the results records that mapping as ``trained_with_shots``;
+    ``train_seconds`` sums an algorithm's models, and ``history`` is that of
+    the model scoring the smallest test K.
+    """
     config.validate()
     started = time.perf_counter()
     pool = sinusoid.test_pool(jax.random.PRNGKey(1_000 + config.seed), num_tasks=config.test_tasks,
                               points=config.test_points)
-    results = {"mse": {}, "median_mse": {}, "curves": {}, "test_lr": {}, "train_seconds": {}, "history": {}}
+    keys = ("mse", "median_mse", "curves", "test_lr", "nonfinite")
+    results = {k: {} for k in keys + ("train_seconds", "history")}
+    by_model = training_shots(config)
+    models = sorted(set(by_model.values()))
+    smallest = min(config.eval_shots)
     trained = {}
     for algo in algos:
-        params, history, seconds = train_algorithm(
-            config, algo, f"{out_dir}/{algo}", progress=progress, resume=resume
-        )
-        trained[algo] = params
-        scores = evaluate_algorithm(config, algo, params, pool)
-        results["mse"][algo] = scores["mse"]
-        results["curves"][algo] = scores["curves"]
-        results["median_mse"][algo] = scores["median_mse"]
-        results["test_lr"][algo] = scores["test_lr"]
-        results["train_seconds"][algo] = seconds
-        results["history"][algo] = history
+        for k in keys:
+            results[k][algo] = {}
+        results["train_seconds"][algo] = 0.0
+        for train_k in models:
+            run_dir = f"{out_dir}/{algo}" if len(models) == 1 else f"{out_dir}/{algo}-k{train_k}"
+            params, history, seconds = train_algorithm(
+                model_config(config, train_k), algo, run_dir, progress=progress, resume=resume
+            )
+            eval_shots = [k for k in config.eval_shots if by_model[k] == train_k]
+            scores = evaluate_algorithm(config, algo, params, pool, eval_shots=eval_shots)
+            for k in keys:
+                results[k][algo].update(scores[k])
+            results["train_seconds"][algo] += seconds
+            if by_model[smallest] == train_k:
+                trained[algo] = params
+                results["history"][algo] = history
+        for k in keys:  # test K in the configured order
+            results[k][algo] = {str(s): results[k][algo][str(s)] for s in config.eval_shots}
     results["config"] = dataclasses.asdict(config)
+    results["config"]["trained_with_shots"] = {str(k): v for k, v in by_model.items()}
     results["algos"] = list(algos)
     results["wall_seconds"] = time.perf_counter() - started
     results["machine"] = {"backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()]}
@@ -211,15 +277,24 @@ def run_experiment(
 
 
 def format_table(results: dict) -> str:
-    """The MSE table (mean ± 95% CI, and the median over tasks) as text."""
+    """The MSE table (mean ± 95% CI, and the median over tasks) as text.
+
+    ``K (train)`` is the K the scoring model was trained with; a mean made
+    infinite by overflowing tasks reads ``inf (N of T tasks)``.
+    """
     config = results["config"]
-    header = ["algo", "K"] + [f"{s} step{'s' * (s > 1)}" for s in config["eval_steps"]] + ["median (same steps)"]
+    trained_with = config.get("trained_with_shots", {})
+    header = (["algo", "K", "K (train)"] + [f"{s} step{'s' * (s > 1)}" for s in config["eval_steps"]]
+              + ["median (same steps)"])
     rows = [header]
     for algo, by_shots in results["mse"].items():
         for shots, by_steps in by_shots.items():
             medians = " / ".join(f"{v:.3f}" for v in results["median_mse"][algo][shots].values())
-            rows.append([algo, shots] + [f"{v['mean']:.3f} ± {v['ci95']:.3f}" for v in by_steps.values()]
-                        + [medians])
+            bad = results.get("nonfinite", {}).get(algo, {}).get(shots, {})
+            cells = [f"{v['mean']:.3f} ± {v['ci95']:.3f}" if np.isfinite(v["mean"])
+                     else f"inf ({bad.get(s, '?')} of {config['test_tasks']} tasks)"
+                     for s, v in by_steps.items()]
+            rows.append([algo, shots, str(trained_with.get(shots, config["shots"]))] + cells + [medians])
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
 
@@ -293,6 +368,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--meta-steps", type=positive_int)
     parser.add_argument("--meta-batch", type=positive_int)
     parser.add_argument("--shots", type=positive_int, help="K support (and query) points in training")
+    parser.add_argument("--train-shots", type=int_list,
+                        help="comma-separated K values: train one model per K and score each test K with "
+                             "the model trained at that K (instead of one model at --shots)")
     parser.add_argument("--inner-steps", type=positive_int)
     parser.add_argument("--inner-lr", type=positive_float)
     parser.add_argument("--outer-lr", type=positive_float)
@@ -315,6 +393,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         for k, v in vars(args).items()
         if v is not None and k not in ("preset", "algos", "out", "no_progress", "resume")
     }
+    if args.shots is not None and args.train_shots:
+        raise ConfigError("give --shots (one model for every test K) or --train-shots (one model per K), not both")
     config = dataclasses.replace(PRESETS[args.preset], **overrides)
     config.validate()
     out_dir = writable_dir(args.out)

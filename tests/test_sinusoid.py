@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -33,6 +34,18 @@ def test_quick_preset_maml_is_clearly_better_than_pretraining(quick_results):
     assert maml["mean"] < 0.5 * pre["mean"]
     # More inner steps help MAML on held-out points.
     assert mse["maml"]["5"]["10"]["mean"] < mse["maml"]["5"]["1"]["mean"]
+    # One model, trained at K = 10 as in the paper, scores every test K; no test task overflowed.
+    assert results["config"]["trained_with_shots"] == {"5": 10, "10": 10, "20": 10}
+    assert results["nonfinite"]["maml"]["5"] == {"1": 0, "5": 0, "10": 0}
+
+
+def test_train_shots_maps_each_test_k_to_its_own_model():
+    paper = sinusoid.PRESETS["paper"]
+    assert sinusoid.training_shots(paper) == {5: 10, 10: 10, 20: 10}
+    matched = dataclasses.replace(paper, train_shots=(20, 5, 10))
+    assert sinusoid.training_shots(matched) == {5: 5, 10: 10, 20: 20}
+    assert sinusoid.model_config(matched, 5).shots == 5
+    assert sinusoid.model_config(matched, 5).train_shots == ()
 
 
 def test_figures_are_written(quick_results):
@@ -55,6 +68,8 @@ def test_resume_reevaluates_a_finished_run(quick_results, tmp_path):
         (["--meta-batch", "x"], "--meta-batch"),
         (["--algos", "maml,foo"], "foo"),
         (["--eval-shots", "5,200"], "K=200"),
+        (["--train-shots", "5,10"], "K=20"),
+        (["--shots", "5", "--train-shots", "5,10,20"], "--train-shots"),
         (["--preset", "huge"], "--preset"),
     ],
 )
