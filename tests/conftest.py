@@ -94,3 +94,17 @@ def assert_one_line_error_text(code, stderr: str, *fragments: str) -> None:
     assert len(lines) == 1 and "Traceback" not in stderr, stderr[-2000:]
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
+
+
+TRANSLATION_DIR = (REPO_ROOT / ".." / "shared" / "data" / "translation").resolve()
+"""The offline Tatoeba / FLORES-200 text (``<repo>/../shared/data/translation``)."""
+
+
+@pytest.fixture(scope="session")
+def translation_dir() -> Path:
+    """The translation data directory (skips if absent; fails in CI)."""
+    if not (TRANSLATION_DIR / "tatoeba" / "manifest.tsv").is_file():
+        if os.environ.get("CI"):
+            pytest.fail(f"translation data not found in {TRANSLATION_DIR}")
+        pytest.skip(f"translation data not found in {TRANSLATION_DIR}")
+    return TRANSLATION_DIR

@@ -30,6 +30,7 @@ def task_objective(
     first_order: bool = False,
     remat: bool = False,
     has_aux: bool = False,
+    inner_optimizer: optax.GradientTransformation | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """One task's MAML objective: the query loss after adapting on the support set.
 
@@ -46,6 +47,7 @@ def task_objective(
         first_order=first_order,
         remat=remat,
         has_aux=has_aux,
+        optimizer=inner_optimizer,
     )
     return query_before_after(loss_fn, params, adapted, task.query, has_aux=has_aux)
 
@@ -61,6 +63,7 @@ def maml_objective(
     remat: bool = False,
     has_aux: bool = False,
     chunk_size: int | None = None,
+    inner_optimizer: optax.GradientTransformation | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """:func:`maml_loss` with metrics: ``(mean query loss, mean metrics)``."""
     objective = functools.partial(
@@ -71,6 +74,7 @@ def maml_objective(
         first_order=first_order,
         remat=remat,
         has_aux=has_aux,
+        inner_optimizer=inner_optimizer,
     )
     losses, metrics = map_tasks(lambda task: objective(params, task), tasks, chunk_size)
     return losses.mean(), mean_metrics(metrics)
@@ -139,6 +143,7 @@ def maml(
     remat: bool = False,
     has_aux: bool = False,
     chunk_size: int | None = None,
+    inner_optimizer: optax.GradientTransformation | None = None,
 ) -> MetaLearner:
     """MAML: meta-learn an initialisation that adapts well in ``inner_steps`` steps.
 
@@ -151,6 +156,9 @@ def maml(
       remat: rematerialise each inner step (memory independent of steps).
       has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
       chunk_size: tasks per chunk (``None``: all tasks in one ``vmap``).
+      inner_optimizer: an optax optimiser for the inner loop instead of SGD at
+        ``inner_lr`` (its state starts fresh for every task).  For the exact
+        second-order gradient through Adam, use ``optax.adam(..., eps_root=1e-8)``.
 
     Returns:
       A :class:`MetaLearner`; ``step`` metrics: ``loss`` (the meta-loss),
@@ -174,6 +182,7 @@ def maml(
         remat=remat,
         has_aux=has_aux,
         chunk_size=chunk_size,
+        inner_optimizer=inner_optimizer,
     )
 
     def init(params: Params) -> MetaState:

@@ -37,6 +37,7 @@ def make_learner(
     anil_head: str = "head",
     imaml_lam: float = 1.0,
     imaml_cg_steps: int = 5,
+    inner_optimizer: optax.GradientTransformation | None = None,
 ) -> MetaLearner:
     """Builds the named meta-learner with the experiments' conventions.
 
@@ -48,7 +49,8 @@ def make_learner(
     :func:`~jaxmeta.algorithms.anil.flax_anil_fns`).  MAML++ switches on all
     its generic stabilisers: multi-step loss annealed over the first tenth of
     ``meta_steps``, learned per-layer per-step inner rates, first order for the
-    first third, cosine annealing of the outer rate.
+    first third, cosine annealing of the outer rate.  ``inner_optimizer``
+    (e.g. Adam) replaces inner SGD for MAML, first-order MAML and Reptile.
 
     Raises:
       ConfigError: an unknown algorithm name.
@@ -63,6 +65,7 @@ def make_learner(
             remat=remat,
             has_aux=has_aux,
             chunk_size=chunk_size,
+            inner_optimizer=inner_optimizer,
         )
     if algo == "reptile":
         return reptile(
@@ -71,6 +74,7 @@ def make_learner(
             inner_lr=inner_lr,
             epsilon=reptile_epsilon,
             anneal_steps=meta_steps,
+            inner_optimizer=inner_optimizer,
             has_aux=has_aux,
             chunk_size=chunk_size,
         )
