@@ -6,6 +6,7 @@
     python -m experiments.translation evaluate --runs runs/translation/fomaml,runs/translation/pretrain \\
         --out runs/translation/grid [--langs ron,lav] [--sizes 0,100,400] [--seeds 0,1,2]
     python -m experiments.translation finetune --run runs/translation/fomaml --lang ron --size 400
+    python -m experiments.translation report --grid runs/translation/grid
     python -m experiments.translation translate --run runs/translation/fomaml --lang ron "Bună dimineața!"
 
 Data: ``--data-dir`` or ``JAXMETA_TRANSLATION_DIR`` (default ``../shared/data/translation``).
@@ -97,6 +98,8 @@ def parser() -> ArgumentParser:
     f.add_argument("--lang", required=True)
     f.add_argument("--size", required=True, type=_size)
     f.add_argument("--seed", type=nonnegative_int, default=0)
+    r = sub.add_parser("report", help="table and figure of a grid's finished cells (no training)")
+    r.add_argument("--grid", required=True)
     t = sub.add_parser("translate", help="translate sentences to English")
     t.add_argument("--run", required=True)
     t.add_argument("--lang", required=True)
@@ -153,6 +156,10 @@ def main(argv: Sequence[str] | None = None):
               f"BLEU {result['tatoeba_bleu']:.1f} (copying the source: chrF {result['copy_chrf']:.1f}); "
               f"{result['steps']} steps")
         return result
+    if args.command == "report":
+        table = tr.report(args.grid)
+        print(table)
+        return table
     if args.command == "translate":
         outputs = tr.translate(_check_run(args.run), args.lang, args.text)
         for line in outputs:

@@ -30,7 +30,7 @@ from jaxmeta import checkpoint as ckpt
 from jaxmeta.algorithms.registry import make_learner
 from jaxmeta.data import translation as tdata
 from jaxmeta.errors import CheckpointError, ConfigError, DataError
-from jaxmeta.evaluation import ci95, evaluate
+from jaxmeta.evaluation import evaluate
 from jaxmeta.io import read_jsonl, save_figure, write_json, write_jsonl
 from jaxmeta.models.transformer import (
     Transformer,
@@ -538,12 +538,41 @@ def evaluate_grid(run_dirs: Sequence[str], out_dir: str, *, langs: Sequence[str]
         bar.close()
     wanted = {(c[0], c[1], c[2], os.path.abspath(c[3])) for c in cells}
     rows = [r for r in rows if (r["lang"], r["size"], r["seed"], r["run"]) in wanted]
-    table = results_table(rows)
+    write_report(rows, out_dir)
+    return rows
+
+
+def write_report(rows: Sequence[dict], out_dir: str) -> str:
+    """``OUT/results.md`` (the table) and ``OUT/scores.png`` (the figure); returns the table."""
     from jaxmeta.io import atomic_write_text
 
+    table = results_table(rows)
     atomic_write_text(os.path.join(out_dir, "results.md"), table)
     plot_scores(rows, os.path.join(out_dir, "scores.png"))
-    return rows
+    return table
+
+
+def report(grid_dir: str) -> str:
+    """The table and figure of the cells finished so far in ``grid_dir`` (no training)."""
+    path = os.path.join(grid_dir, RESULTS_FILE)
+    if not os.path.isfile(path):
+        raise ConfigError(f"{grid_dir} holds no {RESULTS_FILE}: run `evaluate` first")
+    return write_report(read_jsonl(path), grid_dir)
+
+
+# Two-sided 97.5% quantiles of Student's t for 1..10 degrees of freedom: with a handful of
+# seeds the normal approximation would make intervals several times too narrow.
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+
+
+def seed_ci95(values: Sequence[float]) -> float:
+    """Half-width of the Student-t 95% confidence interval of the mean over seeds (0 for one seed)."""
+    values = np.asarray(values, np.float64)
+    n = len(values)
+    if n < 2:
+        return 0.0
+    t = _T975[n - 2] if n - 1 <= len(_T975) else 1.96
+    return float(t * values.std(ddof=1) / np.sqrt(n))
 
 
 def summarize(rows: Sequence[dict], metric: str = "tatoeba_chrf") -> dict:
@@ -552,8 +581,17 @@ def summarize(rows: Sequence[dict], metric: str = "tatoeba_chrf") -> dict:
     for r in rows:
         if metric in r:
             groups.setdefault((r["lang"], r["size"], r["method"]), []).append(r[metric])
-    return {k: (float(np.mean(v)), float(ci95(np.asarray(v))) if len(v) > 1 else 0.0, len(v))
-            for k, v in groups.items()}
+    return {k: (float(np.mean(v)), seed_ci95(v), len(v)) for k, v in groups.items()}
+
+
+def paired_gaps(rows: Sequence[dict], algo: str, baseline: str, metric: str = "tatoeba_chrf") -> dict:
+    """``{(lang, size): (mean, ci95, n)}`` of ``algo − baseline`` over the seeds both have."""
+    by = {(r["lang"], r["size"], r["seed"], r["algo"]): r[metric] for r in rows if metric in r}
+    diffs: dict = {}
+    for (lang, size, seed, a), value in by.items():
+        if a == algo and (lang, size, seed, baseline) in by:
+            diffs.setdefault((lang, size), []).append(value - by[(lang, size, seed, baseline)])
+    return {k: (float(np.mean(v)), seed_ci95(v), len(v)) for k, v in diffs.items()}
 
 
 def _size_key(size: str) -> float:
@@ -571,7 +609,7 @@ def results_table(rows: Sequence[dict]) -> str:
         stats = summarize(rows, metric)
         if not stats:
             continue
-        lines += [f"### {title} (mean ± 95% CI over seeds; n = seeds)", "",
+        lines += [f"### {title} (mean ± Student-t 95% CI over seeds; n = seeds)", "",
                   "| lang | pairs | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
         keys = sorted({(k[0], k[1]) for k in stats}, key=lambda k: (k[0], _size_key(k[1])))
         for lang, size in keys:
@@ -586,6 +624,16 @@ def results_table(rows: Sequence[dict]) -> str:
             label = f"{size} ({pairs})" if size == ALL else size
             lines.append(f"| {lang} | {label} | " + " | ".join(cells) + " |")
         lines.append("")
+    for algo in ("fomaml", "reptile", "maml"):
+        gaps = paired_gaps(rows, algo, "pretrain")
+        if gaps:
+            title = (f"### {METHOD_NAMES[algo]} − MultiNMT, Tatoeba chrF (paired by seed: same pairs, same "
+                     "fine-tuning; mean ± Student-t 95% CI; * = CI excludes 0)")
+            lines += [title, "", "| lang | pairs | gap |", "|---|---|---|"]
+            for (lang, size), (mean, ci, n) in sorted(gaps.items(), key=lambda kv: (kv[0][0], _size_key(kv[0][1]))):
+                star = " *" if n > 1 and abs(mean) > ci else ""
+                lines.append(f"| {lang} | {size} | {mean:+.1f} ± {ci:.1f} (n={n}){star} |")
+            lines.append("")
     copies = {r["lang"]: r.get("copy_chrf") for r in rows}
     lines.append("Copying the source: chrF " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(copies.items())))
     return "\n".join(lines) + "\n"

@@ -178,3 +178,18 @@ def test_a_malformed_data_file_is_one_line_and_writes_nothing(translation_dir, t
                           capture_output=True, text=True, timeout=300)
     assert_one_line_error(proc, "nld.tsv.gz:2")
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_seed_statistics_use_student_t_and_pair_by_seed():
+    assert tr.seed_ci95([1.0]) == 0.0
+    assert tr.seed_ci95([1.0, 2.0, 3.0]) == pytest.approx(4.303 * 1.0 / np.sqrt(3))
+    rows = [{"lang": "ron", "size": "100", "seed": s, "algo": a, "method": tr.METHOD_NAMES[a], "pairs": 100,
+             "tatoeba_chrf": v, "copy_chrf": 15.0}
+            for s, (m, p) in enumerate([(20.0, 18.0), (22.0, 21.0), (21.0, 17.0)])
+            for a, v in (("fomaml", m), ("pretrain", p))]
+    gaps = tr.paired_gaps(rows, "fomaml", "pretrain")
+    mean, ci, n = gaps[("ron", "100")]
+    assert (mean, n) == (pytest.approx(7.0 / 3), 3)
+    assert ci == pytest.approx(tr.seed_ci95([2.0, 1.0, 4.0]))
+    table = tr.results_table(rows)
+    assert "| ron | 100 | 21.0 ± " in table and "+2.3 ±" in table and "chrF ron 15.0" in table
