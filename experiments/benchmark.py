@@ -1,6 +1,6 @@
 """Meta-step performance: compile time, step time, peak memory, FLOPs, fraction of the matmul peak.
 
-    python -m experiments.benchmark --task sinusoid|omniglot [--ways N] [--shots K] [--queries Q]
+    python -m experiments.benchmark --task sinusoid|omniglot|translation [--ways N] [--shots K] [--queries Q]
         [--meta-batch B] [--inner-steps S] [--algo maml|fomaml|reptile|pretrain|...] [--remat]
         [--chunk-size C] [--conv-impl auto|patches|native] [--json OUT] [--torch]
     python -m experiments.benchmark --compare maml,anil [same problem options] [--json OUT]
@@ -107,14 +107,15 @@ def _timing_overrides(args) -> dict:
 def config_from_args(args):
     from jaxmeta.benchmarking import BenchConfig
 
-    sinus = args.task == "sinusoid"
+    # Defaults per task: sinusoid K=10 B25; omniglot 1-shot, 15 queries, B32; translation 16+16 pairs, B4.
+    shots, queries, meta_batch = {"sinusoid": (10, 10, 25), "translation": (16, 16, 4)}.get(args.task, (1, 15, 32))
     config = BenchConfig(
         task=args.task,
         algo=args.algo,
         ways=args.ways,
-        shots=args.shots or (10 if sinus else 1),
-        queries=args.queries or (10 if sinus else 15),
-        meta_batch=args.meta_batch or (25 if sinus else 32),
+        shots=args.shots or shots,
+        queries=args.queries or queries,
+        meta_batch=args.meta_batch or meta_batch,
         inner_steps=args.inner_steps,
         remat=args.remat,
         chunk_size=args.chunk_size,

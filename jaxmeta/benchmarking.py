@@ -45,7 +45,7 @@ from jaxmeta.errors import ConfigError
 from jaxmeta.io import save_figure
 from jaxmeta.training import guarded_step, init_train_state, make_train_chunk
 
-TASKS = ("sinusoid", "omniglot")
+TASKS = ("sinusoid", "omniglot", "translation")
 
 SWEEP_ALGOS = ("maml", "fomaml", "reptile", "pretrain")
 """The algorithms the sweep runs by default (any of the registry's can be named)."""
@@ -138,6 +138,8 @@ class BenchConfig:
         """A short human-readable name."""
         if self.task == "omniglot":
             head = f"omniglot {self.ways}w{self.shots}s B{self.meta_batch} Q{self.queries}"
+        elif self.task == "translation":
+            head = f"translation support{self.shots} query{self.queries} B{self.meta_batch}"
         else:
             head = f"sinusoid K{self.shots} B{self.meta_batch}"
         extra = " remat" if self.remat else ""
@@ -192,6 +194,25 @@ def build_problem(config: BenchConfig) -> BenchProblem:
         def sample(k, _data):
             return sinusoid.sample_tasks(k, batch_size=config.meta_batch, shots=config.shots,
                                          queries=config.queries)
+    elif config.task == "translation":
+        # The `cpu` preset's byte-level Transformer; random bytes at full length (timing only).
+        from jaxmeta import translation
+        from jaxmeta.data.translation import OFFSET, language_task_sampler
+
+        tconfig = translation.preset("cpu", algo=config.algo, meta_batch=config.meta_batch,
+                                     support=config.shots, query=config.queries,
+                                     inner_steps=config.inner_steps)
+        model, loss_fn = translation.build(tconfig)
+        from jaxmeta.models.transformer import init_params
+
+        params = init_params(model, init_key)
+        k1, k2 = jax.random.split(data_key)
+        n, length = 256, tconfig.max_len
+        data = {"source": jax.random.randint(k1, (4, n, length), OFFSET, 256 + OFFSET).astype(jnp.uint16),
+                "target": jax.random.randint(k2, (4, n, length + 1), OFFSET, 256 + OFFSET).astype(jnp.uint16),
+                "count": jnp.full((4,), n, jnp.int32)}
+        sample = language_task_sampler(config.meta_batch, config.shots, config.queries)
+        return BenchProblem(translation.learner(tconfig, loss_fn), params, sample, data)
     else:
         from jaxmeta.data.episodes import sample_tasks
         from jaxmeta.models import classification_loss, conv4_omniglot
@@ -541,7 +562,7 @@ def benchmark(
     # configuration's timings and take the best seen as the hardware's peak.
     after = matmul_peak_gflops(repeats=3) if recheck_peak else None
     peak = max(matmul_peak["peak_gflops"], after["peak_gflops"] if after else 0.0)
-    data_bytes = int(problem.data.size * problem.data.dtype.itemsize)
+    data_bytes = int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(problem.data)))
     result = {
         "ms_per_step": ms,
         "ms_per_step_spread": {k: headline[k] for k in ("iqr", "q25", "q75", "min", "max", "n")},
@@ -626,9 +647,14 @@ def compare_algorithms(
 def comparison_line(report: dict) -> str:
     """The comparison in one line: each algorithm's median and its ratio to the baseline."""
     base = report["baseline"]
-    parts = [f"{algo} {row['ms_per_step']:.4g} ms/step" + ("" if algo == base else
-             f" ({row['ratio_to_baseline']:.2f}x {base}'s time, {row['speedup_vs_baseline']:.2f}x faster;"
-             f" paired per round {row['paired_ratio_median']:.2f}x)")
+
+    def versus(row) -> str:
+        speedup = row["speedup_vs_baseline"]
+        pace = f"{speedup:.2f}x faster" if speedup >= 1 else f"{1 / speedup:.2f}x slower"
+        return (f" ({row['ratio_to_baseline']:.2f}x {base}'s time, {pace};"
+                f" paired per round {row['paired_ratio_median']:.2f}x)")
+
+    parts = [f"{algo} {row['ms_per_step']:.4g} ms/step" + ("" if algo == base else versus(row))
              for algo, row in report["algos"].items()]
     return "; ".join(parts)
 

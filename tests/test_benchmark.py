@@ -121,6 +121,18 @@ def test_anil_benchmark_problem_on_omniglot_splits_off_the_conv4_head():
     assert {"loss", "query_loss_post"} <= set(metrics)
 
 
+@pytest.mark.parametrize("algo", ["fomaml", "maml"])
+def test_translation_benchmark_problem_is_the_cpu_preset_transformer(algo):
+    problem = bm.build_problem(bm.BenchConfig(task="translation", algo=algo, shots=3, queries=2, meta_batch=2,
+                                              inner_steps=2))
+    state = problem.learner.init(problem.params)
+    tasks = problem.sample(jax.random.PRNGKey(0), problem.data)
+    assert tasks.support[0].shape == (2, 3, 48) and tasks.query[1].shape == (2, 2, 49)
+    new, metrics = jax.eval_shape(problem.learner.step, state, tasks)  # traces the step, compiles nothing
+    assert jax.tree.structure(new.params) == jax.tree.structure(problem.params)
+    assert {"loss", "query_loss_post", "query_accuracy_post"} <= set(metrics)
+
+
 def test_count_flops_multiplies_scans():
     a = jnp.ones((8, 16))
     b = jnp.ones((16, 4))
