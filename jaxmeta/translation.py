@@ -455,13 +455,39 @@ def copy_baseline(config: TranslationConfig, corpus: tdata.Corpus, code: str) ->
 # --------------------------------------------------------------------------------------
 
 
+def feasible_sizes(config: TranslationConfig, corpus: tdata.Corpus) -> dict[str, tuple[str, ...]]:
+    """The requested data sizes each target language has enough pairs for.
+
+    A size larger than one language's training pairs is skipped for that
+    language (its ``all`` row covers it), with a note on stderr.
+
+    Raises:
+      ConfigError: a size that no target language has enough pairs for.
+    """
+    import sys
+
+    available = {code: len(training_subset(config, corpus, code, None, 0)) for code in config.target_langs}
+    out = {}
+    for size in config.sizes:
+        n = parse_size(size)
+        if n is not None and all(n > a for a in available.values()):
+            best = max(available, key=available.get)
+            raise ConfigError(f"{best} has {available[best]} training pairs of at most {config.max_len} bytes "
+                              f"(the most of {', '.join(config.target_langs)}); cannot fine-tune on {n}")
+    for code, a in available.items():
+        out[code] = tuple(size for size in config.sizes if parse_size(size) is None or parse_size(size) <= a)
+        skipped = [size for size in config.sizes if size not in out[code]]
+        if skipped:
+            print(f"note: {code} has {a} training pairs of at most {config.max_len} bytes: size(s) "
+                  f"{', '.join(skipped)} skipped (its 'all' row uses {a})", file=sys.stderr)
+    return out
+
+
 def check_sizes(config: TranslationConfig) -> None:
-    """Refuses (before any training) a data size larger than a target language has."""
+    """Refuses (before any training) a data size that no target language has enough pairs for."""
     corpus = tdata.load_corpus(config.data_dir, config.target_langs, test=config.test_pairs, dev=config.dev_pairs,
                                seed=config.split_seed)
-    for code in config.target_langs:
-        for size in config.sizes:
-            training_subset(config, corpus, code, parse_size(size), 0)
+    feasible_sizes(config, corpus)
 
 
 def evaluate_grid(run_dirs: Sequence[str], out_dir: str, *, langs: Sequence[str] | None = None,
@@ -492,10 +518,10 @@ def evaluate_grid(run_dirs: Sequence[str], out_dir: str, *, langs: Sequence[str]
     config = config.resolved()
     corpus = load_corpus(config)
     cells = []
+    sizes = feasible_sizes(config, corpus)
     for code in config.target_langs:
-        for size in config.sizes:
+        for size in sizes[code]:
             n = parse_size(size)
-            training_subset(config, corpus, code, n, 0)  # checks the size up front
             for seed in (config.seeds[:1] if n == 0 else config.seeds):
                 for run_dir in run_dirs:
                     cells.append((code, size, seed, run_dir))

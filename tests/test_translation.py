@@ -193,3 +193,19 @@ def test_seed_statistics_use_student_t_and_pair_by_seed():
     assert ci == pytest.approx(tr.seed_ci95([2.0, 1.0, 4.0]))
     table = tr.results_table(rows)
     assert "| ron | 100 | 21.0 ± " in table and "+2.3 ±" in table and "chrF ron 15.0" in table
+
+
+def test_grid_sizes_a_language_cannot_fill_are_skipped_for_it_alone(translation_dir, capsys):
+    config = tr.preset("quick", data_dir=str(translation_dir), target_langs=("ron", "kor"),
+                       sizes=("0", "1600", "all")).resolved()
+    corpus = tr.load_corpus(config)
+    kor = len(tr.training_subset(config, corpus, "kor", None, 0))
+    assert kor < 1600 < len(tr.training_subset(config, corpus, "ron", None, 0))
+    sizes = tr.feasible_sizes(config, corpus)
+    assert sizes == {"ron": ("0", "1600", "all"), "kor": ("0", "all")}
+    assert f"kor has {kor} training pairs" in capsys.readouterr().err
+    with pytest.raises(tr.ConfigError, match="cannot fine-tune on 99999"):
+        tr.feasible_sizes(tr.dataclasses.replace(config, sizes=("0", "99999")), corpus)
+    # Subsets are nested across sizes for one seed, and differ between seeds.
+    small, large = (tr.training_subset(config, corpus, "ron", n, 0) for n in (100, 400))
+    assert large[:100] == small and tr.training_subset(config, corpus, "ron", 100, 1) != small
