@@ -27,6 +27,7 @@ import numpy as np
 import optax
 
 from jaxmeta import checkpoint as ckpt
+from jaxmeta.algorithms.pretrain import pretrain
 from jaxmeta.algorithms.registry import make_learner
 from jaxmeta.data import translation as tdata
 from jaxmeta.errors import CheckpointError, ConfigError, DataError
@@ -74,10 +75,13 @@ class TranslationConfig:
     so the meta-objective is the quantity fine-tuning then improves.
     Reptile moves by ``reptile_epsilon`` (annealed) toward the adapted weights.
 
-    Fine-tuning: Adam (``finetune_lr``) on batches of ``finetune_batch``
-    pairs, at most ``finetune_steps`` steps, early-stopped on the language's
-    ``dev_pairs`` development pairs every ``finetune_eval_every`` steps
-    (patience ``finetune_patience``); the best development loss wins.
+    Fine-tuning: Adam on batches of ``finetune_batch`` pairs, at most
+    ``finetune_steps`` steps, early-stopped on the language's ``dev_pairs``
+    development pairs every ``finetune_eval_every`` steps (patience
+    ``finetune_patience``); the best development loss wins.  Its learning rate
+    is chosen per initialisation from ``finetune_lrs`` on the validation
+    languages (``finetune_val_pairs`` pairs each), never on a target language:
+    a pre-trained model and a meta-learned one need not like the same rate.
     """
 
     algo: str = "fomaml"
@@ -107,6 +111,8 @@ class TranslationConfig:
     dev_pairs: int = 200
     split_seed: int = 0
     finetune_lr: float = 1e-3
+    finetune_lrs: tuple[float, ...] = (1e-3, 3e-4, 1e-4)
+    finetune_val_pairs: int = 400
     finetune_batch: int = 32
     finetune_steps: int = 200
     finetune_eval_every: int = 20
@@ -120,8 +126,8 @@ class TranslationConfig:
 
     IDENTITY_EXCLUDE = ("meta_steps", "log_every", "val_every", "val_tasks", "val_steps", "data_dir",
                         "target_langs", "sizes", "seeds", "flores_sentences", "flores_len", "eval_len",
-                        "finetune_lr", "finetune_batch", "finetune_steps", "finetune_eval_every",
-                        "finetune_patience")
+                        "finetune_lr", "finetune_lrs", "finetune_val_pairs", "finetune_batch", "finetune_steps",
+                        "finetune_eval_every", "finetune_patience")
 
     @property
     def model_config(self) -> TransformerConfig:
@@ -165,6 +171,10 @@ class TranslationConfig:
             parse_size(size)
         if not self.seeds:
             raise ConfigError("give at least one fine-tuning seed")
+        if not self.finetune_lrs or not all(lr > 0 and math.isfinite(lr) for lr in self.finetune_lrs):
+            raise ConfigError(f"finetune-lrs must be positive numbers, got {self.finetune_lrs}")
+        if self.finetune_val_pairs < self.finetune_batch:
+            raise ConfigError("finetune-val-pairs must be at least finetune-batch")
 
 
 def parse_size(size: str) -> int | None:
@@ -382,16 +392,18 @@ class Finetuner:
         self.capacity = capacity
         self.model, self.loss_fn = build(config)
         half = config.finetune_batch // 2
-        self.learner = make_learner("pretrain", self.loss_fn, inner_steps=1, inner_lr=config.finetune_lr,
-                                    outer_lr=config.finetune_lr, has_aux=True)
+        # The learning rate lives in the optimiser state: one compiled program for every rate tried.
+        adam = optax.inject_hyperparams(optax.adam)(learning_rate=config.finetune_lr)
+        self.learner = pretrain(self.loss_fn, optimizer=adam, has_aux=True)
         self.sampler = tdata.language_task_sampler(1, half, config.finetune_batch - half)
         self.chunk = make_train_chunk(self.learner, self.sampler)
         self.dev_loss = jax.jit(lambda p, batch: self.loss_fn(p, batch)[0])
         self.decode = jax.jit(lambda p, src, n: greedy_decode(self.model, p, src, n), static_argnums=2)
 
-    def finetune(self, params, pairs, dev_pairs, seed: int):
-        """``(params, info)``: early-stopped on the development loss (best kept)."""
+    def finetune(self, params, pairs, dev_pairs, seed: int, lr: float | None = None):
+        """``(params, info)``: Adam at ``lr`` (default ``finetune_lr``), early-stopped on the dev loss."""
         c = self.config
+        lr = c.finetune_lr if lr is None else lr
         dev = tuple(jnp.asarray(a.astype(np.int32)) for a in tdata.pair_arrays(dev_pairs, c.max_len))
         best_loss = float(self.dev_loss(params, dev))
         info = {"dev_loss_before": best_loss, "steps": 0}
@@ -405,6 +417,9 @@ class Finetuner:
                 "count": arrays["count"]}
         data = jax.device_put(data)
         state = init_train_state(self.learner, params, jax.random.PRNGKey(seed))
+        opt_state = state.meta.opt_state
+        opt_state = opt_state._replace(hyperparams={**opt_state.hyperparams, "learning_rate": jnp.asarray(lr)})
+        state = state._replace(meta=state.meta._replace(opt_state=opt_state))
         best, best_step, waited = params, 0, 0
         while int(state.step) < c.finetune_steps and waited < c.finetune_patience:
             n = min(c.finetune_eval_every, c.finetune_steps - int(state.step))
@@ -414,7 +429,25 @@ class Finetuner:
                 best, best_loss, best_step, waited = state.meta.params, loss, int(state.step), 0
             else:
                 waited += 1
-        return best, {**info, "dev_loss": best_loss, "steps": best_step, "steps_run": int(state.step)}
+        return best, {**info, "dev_loss": best_loss, "steps": best_step, "steps_run": int(state.step),
+                      "finetune_lr": lr}
+
+    def choose_lr(self, params, corpus: tdata.Corpus) -> tuple[float, dict]:
+        """The fine-tuning rate (of ``finetune_lrs``) with the lowest mean dev loss on the validation languages.
+
+        Each validation language is fine-tuned on ``finetune_val_pairs`` of its
+        training pairs; target languages play no part in the choice.
+        """
+        c = self.config
+        losses = {}
+        for lr in c.finetune_lrs:
+            per_lang = []
+            for code in c.val_langs:
+                pairs = training_subset(c, corpus, code, min(c.finetune_val_pairs, self.capacity), 0)
+                dev = [p for p in corpus.splits[code].dev if tdata.fits(p, c.max_len)]
+                per_lang.append(self.finetune(params, pairs, dev, 0, lr)[1]["dev_loss"])
+            losses[lr] = float(np.mean(per_lang))
+        return min(losses, key=losses.get), losses
 
     def translate(self, params, sources: Sequence[str], *, max_len: int, batch: int = 100) -> list[str]:
         """Greedy translations (sources truncated to ``max_len`` bytes), in fixed-size batches."""
@@ -530,8 +563,20 @@ def evaluate_grid(run_dirs: Sequence[str], out_dir: str, *, langs: Sequence[str]
     rows = read_jsonl(results_path) if os.path.isfile(results_path) else []
     done = {(r["lang"], r["size"], r["seed"], r["run"]) for r in rows}
     todo = [cell for cell in cells if (cell[0], cell[1], cell[2], os.path.abspath(cell[3])) not in done]
-    capacity = max(len(training_subset(config, corpus, code, None, 0)) for code in config.target_langs)
+    capacity = max([config.finetune_val_pairs] +
+                   [len(training_subset(config, corpus, code, None, 0)) for code in config.target_langs])
     tuner = Finetuner(config, capacity)
+    rates_path = os.path.join(out_dir, "finetune_lrs.json")
+    rates = {}
+    if os.path.isfile(rates_path):
+        with open(rates_path) as f:
+            rates = json.load(f)
+    for run_dir in run_dirs:
+        key = os.path.abspath(run_dir)
+        if key not in rates:
+            lr, losses = tuner.choose_lr(inits[run_dir][1], corpus)
+            rates[key] = {"lr": lr, "val_dev_loss": {str(k): v for k, v in losses.items()}}
+            write_json(rates_path, rates)
     floors = {code: copy_baseline(config, corpus, code) for code in config.target_langs}
     bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="fine-tune grid", disable=not progress,
                dynamic_ncols=True)
@@ -541,7 +586,7 @@ def evaluate_grid(run_dirs: Sequence[str], out_dir: str, *, langs: Sequence[str]
             pairs = training_subset(config, corpus, code, parse_size(size), seed)
             dev = [p for p in corpus.splits[code].dev if tdata.fits(p, config.max_len)]
             run_config, init = inits[run_dir]
-            params, info = tuner.finetune(init, pairs, dev, seed)
+            params, info = tuner.finetune(init, pairs, dev, seed, rates[os.path.abspath(run_dir)]["lr"])
             test = corpus.splits[code].test
             hyps = tuner.translate(params, [p[0] for p in test], max_len=config.eval_len)
             row = {"lang": code, "size": size, "pairs": len(pairs), "seed": seed, "run": os.path.abspath(run_dir),
@@ -721,8 +766,9 @@ def finetune_one(run_dir: str, lang: str, size: str, *, seed: int = 0) -> dict:
     corpus = load_corpus(config)
     pairs = training_subset(config, corpus, lang, n, seed)
     dev = [p for p in corpus.splits[lang].dev if tdata.fits(p, config.max_len)]
-    tuner = Finetuner(config, max(len(pairs), 1))
-    params, info = tuner.finetune(init, pairs, dev, seed)
+    tuner = Finetuner(config, max(len(pairs), config.finetune_val_pairs))
+    lr, _ = tuner.choose_lr(init, corpus)
+    params, info = tuner.finetune(init, pairs, dev, seed, lr)
     test = corpus.splits[lang].test
     hyps = tuner.translate(params, [p[0] for p in test], max_len=config.eval_len)
     out = finetuned_dir(run_dir, lang, size, seed)
