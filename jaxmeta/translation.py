@@ -111,7 +111,7 @@ class TranslationConfig:
     dev_pairs: int = 200
     split_seed: int = 0
     finetune_lr: float = 1e-3
-    finetune_lrs: tuple[float, ...] = (1e-3, 3e-4, 1e-4)
+    finetune_lrs: tuple[float, ...] = (1e-3, 3e-4, 1e-4, 3e-5)
     finetune_val_pairs: int = 400
     finetune_batch: int = 32
     finetune_steps: int = 200
@@ -488,7 +488,7 @@ def copy_baseline(config: TranslationConfig, corpus: tdata.Corpus, code: str) ->
 # --------------------------------------------------------------------------------------
 
 
-def feasible_sizes(config: TranslationConfig, corpus: tdata.Corpus) -> dict[str, tuple[str, ...]]:
+def feasible_sizes(config: TranslationConfig, corpus: tdata.Corpus, *, quiet: bool = False) -> dict[str, tuple[str, ...]]:
     """The requested data sizes each target language has enough pairs for.
 
     A size larger than one language's training pairs is skipped for that
@@ -510,7 +510,7 @@ def feasible_sizes(config: TranslationConfig, corpus: tdata.Corpus) -> dict[str,
     for code, a in available.items():
         out[code] = tuple(size for size in config.sizes if parse_size(size) is None or parse_size(size) <= a)
         skipped = [size for size in config.sizes if size not in out[code]]
-        if skipped:
+        if skipped and not quiet:
             print(f"note: {code} has {a} training pairs of at most {config.max_len} bytes: size(s) "
                   f"{', '.join(skipped)} skipped (its 'all' row uses {a})", file=sys.stderr)
     return out
@@ -520,7 +520,7 @@ def check_sizes(config: TranslationConfig) -> None:
     """Refuses (before any training) a data size that no target language has enough pairs for."""
     corpus = tdata.load_corpus(config.data_dir, config.target_langs, test=config.test_pairs, dev=config.dev_pairs,
                                seed=config.split_seed)
-    feasible_sizes(config, corpus)
+    feasible_sizes(config, corpus, quiet=True)
 
 
 def evaluate_grid(run_dirs: Sequence[str], out_dir: str, *, langs: Sequence[str] | None = None,
