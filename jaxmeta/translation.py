@@ -676,7 +676,9 @@ def results_table(rows: Sequence[dict]) -> str:
     methods = sorted({r["method"] for r in rows})
     lines = []
     for metric, title in (("tatoeba_chrf", "Tatoeba test chrF"), ("tatoeba_bleu", "Tatoeba test BLEU"),
-                          ("flores_chrf", "FLORES devtest chrF"), ("flores_bleu", "FLORES devtest BLEU")):
+                          ("flores_chrf", "FLORES devtest chrF"), ("flores_bleu", "FLORES devtest BLEU"),
+                          ("dev_loss", "Development loss after fine-tuning, nats per byte (lower is better)")):
+        digits = 3 if metric == "dev_loss" else 1
         stats = summarize(rows, metric)
         if not stats:
             continue
@@ -689,7 +691,7 @@ def results_table(rows: Sequence[dict]) -> str:
             for m in methods:
                 if (lang, size, m) in stats:
                     mean, ci, n = stats[(lang, size, m)]
-                    cells.append(f"{mean:.1f} ± {ci:.1f} (n={n})" if n > 1 else f"{mean:.1f}")
+                    cells.append(f"{mean:.{digits}f} ± {ci:.{digits}f} (n={n})" if n > 1 else f"{mean:.{digits}f}")
                 else:
                     cells.append("–")
             label = f"{size} ({pairs})" if size == ALL else size
