@@ -198,7 +198,7 @@ PRESETS = {
                   meta_batch=4, support=16, query=16, inner_steps=2, outer_lr=2e-3, meta_steps=400,
                   log_every=50, val_every=200, val_tasks=2, val_steps=5, test_pairs=200, dev_pairs=100,
                   finetune_steps=100, finetune_eval_every=25, finetune_patience=2, eval_len=64,
-                  flores_sentences=0, sizes=("0", "400"), seeds=(0,)),
+                  flores_sentences=0, sizes=("0", "400"), seeds=(0,), finetune_lrs=(1e-3, 1e-4)),
     # About two hours in all on a 2-core CPU: the 17 meta-training languages, the 5 targets.
     "cpu": dict(meta_steps=1_500, outer_lr=2e-3, finetune_steps=300, finetune_eval_every=25),
 }

@@ -59,14 +59,18 @@ def test_cached_greedy_decoding_equals_rerunning_the_full_decoder():
     src, _ = _batch(PAIRS, 24)
     steps = 12
     cached = np.asarray(jax.jit(lambda p, s: greedy_decode(model, p, s, steps))(params, src))
-    prefix = np.full((src.shape[0], 1), tdata.BOS, np.int32)
+    # Re-run the whole decoder on the prefix so far (later positions hold filler, which the
+    # causal mask keeps out of position t: one compiled shape for every step).
+    full = jax.jit(lambda p, s, y: model.apply({"params": p}, s, y))
+    prefix = np.full((src.shape[0], steps + 1), tdata.PAD, np.int32)
+    prefix[:, 0] = tdata.BOS
     done = np.zeros(src.shape[0], bool)
-    for _ in range(steps):
-        logits = model.apply({"params": params}, src, jnp.asarray(prefix))
-        nxt = np.asarray(jnp.argmax(logits[:, -1], -1)).astype(np.int32)
+    for t in range(steps):
+        logits = full(params, src, jnp.asarray(prefix[:, :steps]))
+        nxt = np.asarray(jnp.argmax(logits[:, t], -1)).astype(np.int32)
         nxt = np.where(done, tdata.PAD, nxt)
         done |= nxt == tdata.EOS
-        prefix = np.concatenate([prefix, nxt[:, None]], axis=1)
+        prefix[:, t + 1] = nxt
     np.testing.assert_array_equal(cached, prefix[:, 1:])
     assert len({tuple(r) for r in cached}) > 1  # outputs depend on the source
 
