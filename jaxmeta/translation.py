@@ -32,7 +32,7 @@ from jaxmeta.algorithms.registry import make_learner
 from jaxmeta.data import translation as tdata
 from jaxmeta.errors import CheckpointError, ConfigError, DataError
 from jaxmeta.evaluation import evaluate
-from jaxmeta.io import read_jsonl, save_figure, write_json, write_jsonl
+from jaxmeta.io import atomic_write_text, read_jsonl, save_figure, write_json, write_jsonl
 from jaxmeta.models.transformer import (
     Transformer,
     TransformerConfig,
@@ -229,10 +229,17 @@ def learner(config: TranslationConfig, loss_fn):
                         reptile_epsilon=config.reptile_epsilon, inner_optimizer=inner)
 
 
-def load_corpus(config: TranslationConfig) -> tdata.Corpus:
-    codes = config.meta_langs + config.val_langs + config.target_langs
+def load_corpus(config: TranslationConfig, codes: Sequence[str] | None = None) -> tdata.Corpus:
+    """The splits of ``codes`` (default: every meta-training, validation and target language)."""
+    if codes is None:
+        codes = config.meta_langs + config.val_langs + config.target_langs
     return tdata.load_corpus(config.data_dir, codes, test=config.test_pairs, dev=config.dev_pairs,
                              seed=config.split_seed)
+
+
+def held_out_corpus(config: TranslationConfig) -> tdata.Corpus:
+    """Only what fine-tuning reads: the validation (rate choice) and target languages."""
+    return load_corpus(config, config.val_langs + config.target_langs)
 
 
 def validation_tasks(config: TranslationConfig, corpus: tdata.Corpus) -> Task:
@@ -325,8 +332,8 @@ def meta_train(config: TranslationConfig, run_dir: str, *, resume: bool = False,
                "best_val_loss": best.get("val/loss"), "meta_steps": meta_steps, "train_seconds": seconds,
                "validation": [{k: row[k] for k in row if k == "step" or k.startswith("val/")} for row in validated]}
     previous = _read_summary(run_dir)
-    if previous and resume and seconds == 0.0:
-        summary["train_seconds"] = previous.get("train_seconds", 0.0)
+    if previous and resume:  # a resumed run that had finished before: its time so far counts too
+        summary["train_seconds"] += previous.get("train_seconds", 0.0)
     write_json(os.path.join(run_dir, SUMMARY_FILE), summary)
     return summary
 
@@ -518,9 +525,7 @@ def feasible_sizes(config: TranslationConfig, corpus: tdata.Corpus, *, quiet: bo
 
 def check_sizes(config: TranslationConfig) -> None:
     """Refuses (before any training) a data size that no target language has enough pairs for."""
-    corpus = tdata.load_corpus(config.data_dir, config.target_langs, test=config.test_pairs, dev=config.dev_pairs,
-                               seed=config.split_seed)
-    feasible_sizes(config, corpus, quiet=True)
+    feasible_sizes(config, load_corpus(config, config.target_langs), quiet=True)
 
 
 def evaluate_grid(run_dirs: Sequence[str], out_dir: str, *, langs: Sequence[str] | None = None,
@@ -549,7 +554,7 @@ def evaluate_grid(run_dirs: Sequence[str], out_dir: str, *, langs: Sequence[str]
                                  seeds=tuple(seeds) if seeds is not None else config.seeds)
     config.validate()
     config = config.resolved()
-    corpus = load_corpus(config)
+    corpus = held_out_corpus(config)
     cells = []
     sizes = feasible_sizes(config, corpus)
     for code in config.target_langs:
@@ -615,8 +620,6 @@ def evaluate_grid(run_dirs: Sequence[str], out_dir: str, *, langs: Sequence[str]
 
 def write_report(rows: Sequence[dict], out_dir: str) -> str:
     """``OUT/results.md`` (the table) and ``OUT/scores.png`` (the figure); returns the table."""
-    from jaxmeta.io import atomic_write_text
-
     table = results_table(rows)
     atomic_write_text(os.path.join(out_dir, "results.md"), table)
     plot_scores(rows, os.path.join(out_dir, "scores.png"))
@@ -765,7 +768,7 @@ def finetune_one(run_dir: str, lang: str, size: str, *, seed: int = 0) -> dict:
     config = dataclasses.replace(config, target_langs=(lang,))
     config = config.resolved()
     n = parse_size(size)
-    corpus = load_corpus(config)
+    corpus = held_out_corpus(config)
     pairs = training_subset(config, corpus, lang, n, seed)
     dev = [p for p in corpus.splits[lang].dev if tdata.fits(p, config.max_len)]
     tuner = Finetuner(config, max(len(pairs), config.finetune_val_pairs))
