@@ -5,6 +5,7 @@
         [--chunk-size C] [--conv-impl auto|patches|native] [--json OUT] [--torch]
     python -m experiments.benchmark --compare maml,anil [same problem options] [--json OUT]
     python -m experiments.benchmark --sweep [--quick] [--out DIR] [--settings ...] [--algos ...] [--torch]
+    python -m experiments.benchmark --merge SWEEP.json [SWEEP.json ...] --out DIR
 
 One configuration: compiles the meta-step ahead of time (trace + lower +
 compile), times it one meta-step per dispatch and many per dispatch (the
@@ -21,6 +22,10 @@ The sweep runs algorithms x inner steps {1, 5, 10, 25} x remat {off, on} for
 Omniglot 5-way 1-shot (B 32, Q 15), 20-way 1-shot (B 16, Q 15) and the
 sinusoid, and writes ``DIR/sweep.json``, ``DIR/sweep.md``,
 ``DIR/time_vs_steps.png`` and ``DIR/memory_vs_steps.png``.
+
+``--merge`` joins sweeps measured on one device (a sweep cut short and a
+second one for the rest) into one report, keeping each configuration's first
+measurement.
 
 ``--torch`` (needs PyTorch) adds the PyTorch reference of the Omniglot 5-way
 1-shot B32 Q15 one-step second-order MAML step (torch.func and an autograd
@@ -84,6 +89,8 @@ def build_parser() -> ArgumentParser:
                         help="time these algorithms side by side on the configuration (median ms/step and "
                         "ratio to the first), comma-separated, e.g. maml,anil")
     parser.add_argument("--sweep", action="store_true", help="run the sweep instead of one configuration")
+    parser.add_argument("--merge", nargs="+", metavar="SWEEP_JSON",
+                        help="merge sweep.json files measured on one device into one report in --out")
     parser.add_argument("--quick", action="store_true", help="a small sweep: inner steps 1 and 5, fewer timings")
     parser.add_argument("--out", default="runs/benchmark", help="sweep output directory")
     parser.add_argument("--settings", type=choice_list(tuple(bm.SWEEP_SETTINGS)), default=tuple(bm.SWEEP_SETTINGS),
@@ -238,7 +245,6 @@ def run_compare(args) -> dict:
 
 def run_sweep(args) -> dict:
     from jaxmeta import benchmarking as bm
-    from jaxmeta.io import atomic_write_text, write_json
 
     if args.torch:
         _torch_module()
@@ -257,21 +263,9 @@ def run_sweep(args) -> dict:
     results = []
     sweep = {"results": results, "matmul_peak": peak, "device": bm.device_description(), "quick": args.quick}
 
-    def save():
-        sweep["targets"] = bm.check_targets(results, sweep.get("torch"))
+    def save(plots=False):
         sweep["wall_s"] = time.perf_counter() - started
-        write_json(os.path.join(out_dir, "sweep.json"), sweep)
-        md = ["# jaxmeta benchmark sweep\n",
-              (f"Device: {sweep['device']['backend']} ({sweep['device']['device_kind']}, "
-               f"{sweep['device']['cpu_count']} CPU cores), jax {sweep['device']['jax']}; "
-               f"fp32 matmul peak {peak['peak_gflops']:.1f} GFLOP/s (2048x2048, best of {len(peak['times_s'])}).\n"),
-              ("ms/step (many/dispatch): meta-steps run in one compiled scan; 1/dispatch: one meta-step per call. "
-               "Peak: XLA memory analysis (temp + arguments + outputs); step MiB excludes the image pool.\n"),
-              bm.format_table(results), "\n## Targets\n", bm.format_targets(sweep["targets"])]
-        if sweep.get("torch"):
-            md.append("\n## PyTorch comparison (5-way 1-shot B32 Q15, 1 step, second order)\n")
-            md.append(_torch_markdown(sweep["torch"]))
-        atomic_write_text(os.path.join(out_dir, "sweep.md"), "\n".join(md))
+        write_sweep(sweep, out_dir, plots=plots)
 
     for i, config in enumerate(configs, 1):
         _say(f"[{i}/{len(configs)}] {config.label()}")
@@ -284,14 +278,88 @@ def run_sweep(args) -> dict:
     if args.torch:
         base = next((r for r in results if all(r["config"].get(k) == v for k, v in TORCH_CONFIG.items())), None)
         sweep["torch"] = torch_comparison(base, args)
-    save()
-    for name, metric in (("time_vs_steps.png", "time"), ("memory_vs_steps.png", "memory")):
-        bm.plot_vs_steps(results, os.path.join(out_dir, name), metric=metric)
+    save(plots=True)
     print(bm.format_table(results))
     print(bm.format_targets(sweep["targets"]))
     print(f"wrote {out_dir}/sweep.json, sweep.md, time_vs_steps.png, memory_vs_steps.png "
           f"in {sweep['wall_s']:.0f} s")
     return sweep
+
+
+def write_sweep(sweep: dict, out_dir: str, *, plots: bool = True) -> None:
+    """Writes ``sweep.json`` and ``sweep.md`` (and, with ``plots``, the two figures) for a sweep."""
+    from jaxmeta import benchmarking as bm
+    from jaxmeta.io import atomic_write_text, write_json
+
+    results, peak, device = sweep["results"], sweep["matmul_peak"], sweep["device"]
+    sweep["targets"] = bm.check_targets(results, sweep.get("torch"))
+    write_json(os.path.join(out_dir, "sweep.json"), sweep)
+    md = ["# jaxmeta benchmark sweep\n",
+          (f"Device: {device['backend']} ({device['device_kind']}, {device['cpu_count']} CPU cores), "
+           f"jax {device['jax']}; fp32 matmul peak {peak['peak_gflops']:.1f} GFLOP/s "
+           f"(2048x2048, best of {len(peak['times_s'])}).\n"),
+          ("ms/step (many/dispatch): meta-steps run in one compiled scan; 1/dispatch: one meta-step per call. "
+           "Peak: XLA memory analysis (temp + arguments + outputs); step MiB excludes the image pool.\n")]
+    if sweep.get("merged_from"):
+        md.append("Merged from " + ", ".join(sweep["merged_from"]) + " (same device; first measurement of a "
+                  "configuration kept; the matmul peak is the first sweep's).\n")
+    md += [bm.format_table(results), "\n## Targets\n", bm.format_targets(sweep["targets"])]
+    if sweep.get("torch"):
+        md.append("\n## PyTorch comparison (5-way 1-shot B32 Q15, 1 step, second order)\n")
+        md.append(_torch_markdown(sweep["torch"]))
+    atomic_write_text(os.path.join(out_dir, "sweep.md"), "\n".join(md))
+    if plots:
+        for name, metric in (("time_vs_steps.png", "time"), ("memory_vs_steps.png", "memory")):
+            bm.plot_vs_steps(results, os.path.join(out_dir, name), metric=metric)
+
+
+def _read_sweep(path: str) -> dict:
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            sweep = json.load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read sweep {path}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not JSON: {e.msg} (line {e.lineno})") from None
+    if not isinstance(sweep, dict) or not {"results", "matmul_peak", "device"} <= sweep.keys():
+        raise ConfigError(f"{path} is not a sweep.json written by --sweep")
+    return sweep
+
+
+def run_merge(args) -> dict:
+    """Merges sweeps measured on one device (e.g. a sweep cut short and its remainder) into one report."""
+    from jaxmeta import benchmarking as bm
+
+    sweeps = [_read_sweep(path) for path in args.merge]
+    device = sweeps[0]["device"]
+    for path, sweep in zip(args.merge[1:], sweeps[1:]):
+        if (sweep["device"]["backend"], sweep["device"]["device_kind"]) != (device["backend"], device["device_kind"]):
+            raise ConfigError(f"{path} was measured on {sweep['device']['device_kind']}, "
+                              f"not on {device['device_kind']} like {args.merge[0]}")
+    seen, results = set(), []
+    for sweep in sweeps:
+        for result in sweep["results"]:
+            key = tuple(sorted((k, str(v)) for k, v in result["config"].items()))
+            if key not in seen:
+                seen.add(key)
+                results.append(result)
+    order = {algo: i for i, algo in enumerate(ALGORITHMS)}
+    settings = list(dict.fromkeys(bm.setting_name(r["config"]) for r in results))
+    results.sort(key=lambda r: (settings.index(bm.setting_name(r["config"])), order.get(r["config"]["algo"], 99),
+                                r["config"]["inner_steps"], bool(r["config"]["remat"])))
+    merged = {"results": results, "matmul_peak": sweeps[0]["matmul_peak"], "device": device,
+              "quick": any(s.get("quick") for s in sweeps), "merged_from": list(args.merge),
+              "wall_s": sum(s.get("wall_s", 0.0) for s in sweeps),
+              "torch": next((s["torch"] for s in sweeps if s.get("torch")), None)}
+    out_dir = writable_dir(args.out)
+    write_sweep(merged, out_dir)
+    print(bm.format_table(results))
+    print(bm.format_targets(merged["targets"]))
+    print(f"merged {len(results)} configurations from {len(sweeps)} sweeps into {out_dir}/sweep.json, sweep.md, "
+          "time_vs_steps.png, memory_vs_steps.png")
+    return merged
 
 
 def _torch_markdown(report: dict) -> str:
@@ -311,6 +379,8 @@ def _torch_markdown(report: dict) -> str:
 
 def main(argv: Sequence[str] | None = None):
     args = build_parser().parse_args(argv)
+    if args.merge:
+        return run_merge(args)
     if args.compare:
         return run_compare(args)
     return run_sweep(args) if args.sweep else run_single(args)

@@ -804,8 +804,9 @@ def plot_vs_steps(results: list[dict], path: str, *, metric: str) -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     device = results[0]["device"] if results else {}
-    fig.suptitle(f"{'time per meta-step' if metric == 'time' else 'XLA peak memory'} on "
-                 f"{device.get('backend', '?')} ({device.get('cpu_count', '?')} CPU cores)", fontsize=10)
+    where = (f"{device.get('backend', '?')} ({device.get('cpu_count', '?')} CPU cores)" if device.get("backend") == "cpu"
+             else device.get("device_kind", "?"))
+    fig.suptitle(f"{'time per meta-step' if metric == 'time' else 'XLA peak memory'} on {where}", fontsize=10)
     fig.tight_layout()
     save_figure(fig, path)
 

@@ -200,6 +200,53 @@ def test_sweep_outputs(tmp_path):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def _write_sweep(path, results, device=None):
+    device = device or bm.device_description()
+    peak = {"peak_gflops": 100.0, "median_gflops": 90.0, "times_s": [0.1, 0.2]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"results": results, "matmul_peak": peak, "device": device, "quick": False,
+                                "wall_s": 10.0}))
+    return str(path)
+
+
+def test_merge_joins_sweeps_of_one_device_keeping_first_measurements(tmp_path, capsys):
+    from experiments import benchmark
+    from jaxmeta.cli import run
+
+    first = _write_sweep(tmp_path / "a" / "sweep.json",
+                         [_fake_result("maml", s, False, 2.0 * s, 2**20 * (10 + s)) for s in (1, 5)]
+                         + [_fake_result("fomaml", 1, False, 1.0, 2**20)])
+    second = _write_sweep(tmp_path / "b" / "sweep.json",
+                          [_fake_result("fomaml", s, False, 3.0 * s, 2**20) for s in (5, 1)]
+                          + [_fake_result("maml", 25, True, 40.0, 2**21)])
+    merged = benchmark.main(["--merge", first, second, "--out", str(tmp_path / "m")])
+    keys = [(r["config"]["algo"], r["config"]["inner_steps"]) for r in merged["results"]]
+    assert keys == [("maml", 1), ("maml", 5), ("maml", 25), ("fomaml", 1), ("fomaml", 5)]
+    fomaml_1 = next(r for r in merged["results"] if r["config"]["algo"] == "fomaml" and r["config"]["inner_steps"] == 1)
+    assert fomaml_1["ms_per_step"] == pytest.approx(0.95)  # the first sweep's measurement, not the second's 2.85
+    by_name = {t["target"]: t for t in merged["targets"]}
+    assert by_name["omniglot 5-way 1-shot B32: FOMAML <= 0.7x MAML time at 5 steps"]["value"] == pytest.approx(1.5)
+    out = tmp_path / "m"
+    assert json.loads((out / "sweep.json").read_text())["merged_from"] == [first, second]
+    assert "Merged from" in (out / "sweep.md").read_text()
+    for name in ("time_vs_steps.png", "memory_vs_steps.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+
+    other = _write_sweep(tmp_path / "c" / "sweep.json", [_fake_result("maml", 1, False, 1.0, 2**20)],
+                         device={**bm.device_description(), "backend": "gpu", "device_kind": "NVIDIA H200"})
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    capsys.readouterr()
+    for args, message in (([first, other], "NVIDIA H200"), ([str(bad)], "is not JSON"),
+                          ([str(tmp_path / "none.json")], "cannot read sweep"),
+                          ([str(tmp_path / "m" / "sweep.md")], "is not JSON")):
+        with pytest.raises(SystemExit) as exit_info:
+            run(benchmark.main, ["--merge", *args, "--out", str(tmp_path / "x")])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+
+
 def test_benchmark_library_on_sinusoid():
     config = bm.BenchConfig(task="sinusoid", algo="fomaml", shots=5, queries=5, meta_batch=4, inner_steps=3,
                             repeats=3, warmup=1, steps_per_dispatch=3, dispatch_repeats=1)
