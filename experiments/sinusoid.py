@@ -1,6 +1,6 @@
 """The sinusoid toy of the MAML paper: MAML vs first-order MAML, Reptile and pre-training.
 
-    python -m experiments.sinusoid [--preset quick|paper] [--algos maml,fomaml,reptile,pretrain] [--out DIR]
+    python -m experiments.sinusoid [--preset quick|paper|reference] [--algos maml,fomaml,reptile,pretrain] [--out DIR]
                                    [--train-shots 5,10,20]
 
 Each algorithm meta-trains on the same budget (a 1-40-40-1 ReLU MLP, K = 10
@@ -14,6 +14,11 @@ every test K.  ``--train-shots`` instead trains one model per K in its list
 and scores each test K with the model trained at that K.  Writes
 ``DIR/results.json``, ``DIR/toy_fit.png``, ``DIR/learning_curves.png`` and
 prints a table with 95% confidence intervals.
+
+Presets: ``paper`` (70,000 meta-steps, the paper's inner step size 0.01),
+``reference`` (the same with inner step size 0.001, the value the MAML
+reference code's sinusoid command runs with: its ``--update_lr`` default) and
+``quick`` (8,000 meta-steps).
 """
 
 from __future__ import annotations
@@ -50,6 +55,8 @@ class SinusoidConfig:
     reptile_inner_steps: int = 5
     reptile_inner_lr: float = 0.01
     reptile_epsilon: float = 0.1
+    imaml_lam: float = 1.0
+    imaml_cg_steps: int = 5
     eval_shots: tuple[int, ...] = (5, 10, 20)
     eval_steps: tuple[int, ...] = (1, 5, 10)
     test_tasks: int = 600
@@ -63,10 +70,10 @@ class SinusoidConfig:
     def validate(self) -> None:
         """Raises :class:`ConfigError` for impossible settings."""
         for name in ("meta_steps", "meta_batch", "shots", "inner_steps", "reptile_inner_steps",
-                     "test_tasks", "query_points", "test_points", "log_every"):
+                     "test_tasks", "query_points", "test_points", "log_every", "imaml_cg_steps"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        for name in ("inner_lr", "outer_lr", "reptile_inner_lr", "reptile_epsilon"):
+        for name in ("inner_lr", "outer_lr", "reptile_inner_lr", "reptile_epsilon", "imaml_lam"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if not self.eval_shots or not self.eval_steps:
@@ -106,6 +113,9 @@ def model_config(config: SinusoidConfig, shots: int) -> SinusoidConfig:
 
 PRESETS = {
     "paper": SinusoidConfig(),
+    # The MAML reference code's sinusoid command (cbfinn/maml README) leaves --update_lr at its default
+    # 1e-3, not the paper's 0.01: the same preset with that inner step size.
+    "reference": SinusoidConfig(inner_lr=0.001),
     "quick": SinusoidConfig(meta_steps=8_000, log_every=500),
 }
 
@@ -135,6 +145,8 @@ def train_algorithm(
         outer_lr=config.outer_lr,
         meta_steps=config.meta_steps,
         reptile_epsilon=config.reptile_epsilon,
+        imaml_lam=config.imaml_lam,
+        imaml_cg_steps=config.imaml_cg_steps,
         anil_fns=flax_anil_fns(model, regression_loss, head=ANIL_HEAD) if algo == "anil" else None,
         anil_head=ANIL_HEAD,
     )
@@ -209,9 +221,10 @@ def evaluate_algorithm(
     out, medians, curves, rates, nonfinite = {}, {}, {}, {}, {}
     for shots in config.eval_shots if eval_shots is None else eval_shots:
         inner_lr = rates[str(shots)] = tuned_lr(config, algo, meta_params, shots)
-        params, lr = adaptation(algo, meta_params, inner_lr, head=ANIL_HEAD)
+        adapt = adaptation(algo, meta_params, inner_lr, head=ANIL_HEAD, imaml_lam=config.imaml_lam)
         tasks = sinusoid.pool_tasks(x, y, shots=shots, queries=config.query_points)
-        result = evaluate(loss_fn, params, tasks, steps=max(config.eval_steps), lr=lr)
+        result = evaluate(loss_fn, adapt.params, tasks, steps=max(config.eval_steps), lr=adapt.lr,
+                          proximal=adapt.proximal)
         mean, ci = np.asarray(result.mean["loss"]), np.asarray(result.ci95["loss"])
         per_task = np.asarray(result.per_task["loss"])
         median = np.median(per_task, axis=0)
@@ -346,8 +359,8 @@ def plot_toy_fit(
     fig, axes = plt.subplots(1, len(shown), figsize=(5.5 * len(shown), 4), squeeze=False)
     for ax, algo in zip(axes[0], shown):
         inner_lr = results_lr[algo] if results_lr else algo_inner(config, algo)[1]
-        params, lr = adaptation(algo, trained[algo], inner_lr, head=ANIL_HEAD)
-        _, fits = adapt_and_observe(loss_fn, params, support, steps=10, lr=lr,
+        adapt = adaptation(algo, trained[algo], inner_lr, head=ANIL_HEAD, imaml_lam=config.imaml_lam)
+        _, fits = adapt_and_observe(loss_fn, adapt.params, support, steps=10, lr=adapt.lr, proximal=adapt.proximal,
                                     observe=lambda p: model.apply({"params": p}, grid))
         ax.plot(grid, truth, "k-", label="ground truth")
         for s, style in ((0, ":"), (1, "--"), (10, "-")):
@@ -374,6 +387,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--inner-steps", type=positive_int)
     parser.add_argument("--inner-lr", type=positive_float)
     parser.add_argument("--outer-lr", type=positive_float)
+    parser.add_argument("--imaml-lam", type=positive_float, help="iMAML's proximal strength lambda (default 1)")
+    parser.add_argument("--imaml-cg-steps", type=positive_int, help="iMAML's conjugate-gradient steps (default 5)")
     parser.add_argument("--eval-shots", type=int_list, help="comma-separated K values for testing")
     parser.add_argument("--eval-steps", type=int_list, help="comma-separated inner steps reported")
     parser.add_argument("--test-tasks", type=positive_int)

@@ -38,7 +38,7 @@ def ci95(values: jax.Array, axis: int = 0) -> jax.Array:
 
 
 @functools.partial(
-    jax.jit, static_argnames=("loss_fn", "steps", "has_aux", "optimizer", "chunk_size")
+    jax.jit, static_argnames=("loss_fn", "steps", "has_aux", "optimizer", "chunk_size", "proximal")
 )
 def evaluate(
     loss_fn: LossFn,
@@ -50,6 +50,7 @@ def evaluate(
     has_aux: bool = False,
     optimizer: optax.GradientTransformation | None = None,
     chunk_size: int | None = 50,
+    proximal: float | None = None,
 ) -> EvalResult:
     """Adapts to every test task and scores its query set after each inner step.
 
@@ -63,6 +64,8 @@ def evaluate(
         accuracy are reported alongside the loss.
       optimizer: optional optax inner optimiser instead of SGD.
       chunk_size: tasks adapted at once (bounds memory); ``None`` for all.
+      proximal: λ of a proximal term ``(λ/2)·||φ − params||²`` added to the
+        support loss (iMAML's inner problem, see :func:`jaxmeta.inner_adapt`).
 
     Returns:
       An :class:`EvalResult` with the query loss (and aux metrics) after 0..S steps.
@@ -82,6 +85,7 @@ def evaluate(
             optimizer=optimizer,
             has_aux=has_aux,
             observe=observe,
+            proximal=proximal,
         )
         return seen
 

@@ -119,6 +119,8 @@ class FewShotConfig:
     test_inner_steps: int = 3
     outer_lr: float = 1e-3
     reptile_epsilon: float = 1.0
+    imaml_lam: float = 1.0
+    imaml_cg_steps: int = 5
     meta_steps: int = 60_000
     split: str = "maml"
     seed: int = 0
@@ -151,12 +153,13 @@ class FewShotConfig:
         if self.algo not in ALGORITHMS:
             raise ConfigError(f"unknown algorithm {self.algo!r}; choose from {', '.join(ALGORITHMS)}")
         for name in ("ways", "shots", "queries", "meta_batch", "inner_steps", "meta_steps",
-                     "test_tasks", "val_tasks", "log_every", "val_every", "checkpoint_every", "max_bad_steps"):
+                     "test_tasks", "val_tasks", "log_every", "val_every", "checkpoint_every", "max_bad_steps",
+                     "imaml_cg_steps"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.test_inner_steps < 0:
             raise ConfigError(f"test-inner-steps must be >= 0, got {self.test_inner_steps}")
-        for name in ("inner_lr", "outer_lr", "reptile_epsilon"):
+        for name in ("inner_lr", "outer_lr", "reptile_epsilon", "imaml_lam"):
             value = getattr(self, name)
             if not (value > 0 and np.isfinite(value)):
                 raise ConfigError(f"{name.replace('_', '-')} must be a positive number, got {value}")
@@ -220,6 +223,8 @@ def build(config: FewShotConfig):
         remat=config.remat,
         chunk_size=config.chunk_size,
         reptile_epsilon=config.reptile_epsilon,
+        imaml_lam=config.imaml_lam,
+        imaml_cg_steps=config.imaml_cg_steps,
         anil_fns=flax_anil_fns(model, classification_loss, head="head") if config.algo == "anil" else None,
     )
     return model, loss_fn, learner
@@ -253,8 +258,9 @@ def fixed_tasks(config: FewShotConfig, images: np.ndarray, *, num_tasks: int, se
 
 def score(config: FewShotConfig, loss_fn, meta_params, tasks, steps: int) -> dict:
     """Accuracy (and loss) after 0..steps inner steps, mean and 95% CI over tasks."""
-    params, lr = adaptation(config.algo, meta_params, config.inner_lr)
-    result = evaluate_tasks(loss_fn, params, tasks, steps=steps, lr=lr, has_aux=True)
+    adapt = adaptation(config.algo, meta_params, config.inner_lr, imaml_lam=config.imaml_lam)
+    result = evaluate_tasks(loss_fn, adapt.params, tasks, steps=steps, lr=adapt.lr, has_aux=True,
+                            proximal=adapt.proximal)
     acc, ci = np.asarray(result.mean["accuracy"]), np.asarray(result.ci95["accuracy"])
     return {
         "accuracy": float(acc[-1]),
@@ -419,13 +425,14 @@ def episode(run_dir: str, support_dir: str, query_dir: str, *, inner_steps: int 
     model, loss_fn, _ = build(config)
     example_shape = task.support[0].shape[1:]
     _, meta_params = load_params(run_dir, config, model, example_shape)
-    params, lr = adaptation(config.algo, meta_params, config.inner_lr)
+    adapt = adaptation(config.algo, meta_params, config.inner_lr, imaml_lam=config.imaml_lam)
     support = tuple(jnp.asarray(a) for a in task.support)
     query_x = jnp.asarray(task.query[0])
     if spec.normalize is not None:  # the folder loader returns floats holding the data set's uint8 values
         support = (spec.normalize(support[0].astype(jnp.uint8)), support[1])
         query_x = spec.normalize(query_x.astype(jnp.uint8))
-    adapted, _ = adapt_and_observe(loss_fn, params, support, steps=steps, lr=lr, has_aux=True)
+    adapted, _ = adapt_and_observe(loss_fn, adapt.params, support, steps=steps, lr=adapt.lr, has_aux=True,
+                                   proximal=adapt.proximal)
     logits = model.apply({"params": adapted}, query_x)
     predicted = np.asarray(jnp.argmax(logits[:, : len(class_names)], axis=-1))
     accuracy = float(np.mean(predicted == np.asarray(task.query[1])))

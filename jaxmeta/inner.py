@@ -46,6 +46,7 @@ def inner_adapt(
     remat: bool = False,
     optimizer: optax.GradientTransformation | None = None,
     has_aux: bool = False,
+    proximal: float | None = None,
 ) -> Params:
     """Adapts ``params`` to one task with ``steps`` gradient steps on ``batch``.
 
@@ -65,6 +66,9 @@ def inner_adapt(
       optimizer: an optional optax inner optimiser instead of plain SGD (for
         Reptile; to differentiate through Adam use ``eps_root > 0``).
       has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+      proximal: λ > 0 adds ``(λ/2)·||φ − params||²`` to the support loss, the
+        initial ``params`` held fixed (iMAML's proximally regularised inner
+        problem); ``None`` for the plain support loss.
 
     Returns:
       The adapted parameters.
@@ -86,6 +90,7 @@ def inner_adapt(
         remat=remat,
         optimizer=optimizer,
         has_aux=has_aux,
+        proximal=proximal,
     )
     return params
 
@@ -102,6 +107,7 @@ def adapt_and_observe(
     optimizer: optax.GradientTransformation | None = None,
     has_aux: bool = False,
     observe: Callable[[Params], PyTree] | None = None,
+    proximal: float | None = None,
 ) -> tuple[Params, PyTree]:
     """:func:`inner_adapt`, also returning ``observe(params)`` before every step and after the last.
 
@@ -111,7 +117,18 @@ def adapt_and_observe(
     """
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
-    grad_fn = jax.grad(lambda p: loss_value(loss_fn, p, batch, has_aux=has_aux)[0])
+    if isinstance(proximal, (int, float)) and not proximal > 0:
+        raise ValueError(f"proximal must be > 0, got {proximal}")
+    anchor = params
+
+    def support_loss(p):
+        loss = loss_value(loss_fn, p, batch, has_aux=has_aux)[0]
+        if proximal is None:
+            return loss
+        sq = sum(jnp.sum(jnp.square(pi - ai)) for pi, ai in zip(jax.tree.leaves(p), jax.tree.leaves(anchor)))
+        return loss + 0.5 * proximal * sq
+
+    grad_fn = jax.grad(support_loss)
 
     def gradient(p):
         g = grad_fn(p)

@@ -34,6 +34,7 @@ from jaxmeta.algorithms.mamlpp import (
     per_step_view,
 )
 from jaxmeta.algorithms.meta_sgd import meta_sgd, meta_sgd_objective, meta_sgd_params
+from jaxmeta.algorithms.registry import adaptation
 from jaxmeta.models import BatchNorm, Conv4, classification_loss
 
 
@@ -467,6 +468,29 @@ def test_imaml_implicit_gradient_matches_the_closed_form():
     np.testing.assert_allclose(state.params, theta - 0.5 * want, rtol=1e-6, atol=1e-9)
     assert set(metrics) >= {"loss", "query_loss_pre", "query_loss_post", "grad_norm"}
     assert metrics["query_loss_post"] < metrics["query_loss_pre"]
+
+
+def test_imaml_adapts_at_test_time_by_solving_its_proximal_problem():
+    n, lam = 3, 2.0
+    rng = np.random.default_rng(19)
+    a, b = spd(rng, n, 1.0, 3.0), spd(rng, n, 0.5, 2.0)
+    c_s = rng.normal(size=n)
+    c_q = c_s + 0.3 * rng.normal(size=n)
+    theta = np.array([0.5, -1.0, 2.0])
+    tasks = jax.tree.map(lambda t: jnp.asarray(t)[None], Task((c_s, a), (c_q, b)))
+    phi_star = np.linalg.solve(a + lam * np.eye(n), a @ c_s + lam * theta)
+    query_loss = lambda phi: 0.5 * (phi - c_q) @ b @ (phi - c_q)
+
+    adapt = adaptation("imaml", theta, 0.25, imaml_lam=lam)
+    assert adapt.proximal == lam and adaptation("maml", theta, 0.25, imaml_lam=lam).proximal is None
+    result = evaluate(quadratic, adapt.params, tasks, steps=40, lr=adapt.lr, proximal=adapt.proximal, chunk_size=None)
+    np.testing.assert_allclose(result.mean["loss"][-1], query_loss(phi_star), rtol=1e-9)
+    # Without the proximal term SGD goes to the support minimiser c_s instead: a different score.
+    plain = evaluate(quadratic, theta, tasks, steps=120, lr=0.25, chunk_size=None)
+    np.testing.assert_allclose(plain.mean["loss"][-1], query_loss(c_s), rtol=1e-6)
+    assert abs(query_loss(c_s) - query_loss(phi_star)) > 1e-2
+    with pytest.raises(ValueError, match="proximal"):
+        inner_adapt(quadratic, theta, (c_s, a), steps=1, lr=0.1, proximal=0.0)
 
 
 def test_conjugate_gradient_solves_a_pytree_system():

@@ -150,6 +150,7 @@ def test_bad_input_is_one_clear_line(tmp_path, env, quick_run, omniglot_dir, cor
         (["train", "--meta-steps", "0", "--out", out], env, "--meta-steps"),
         (["train", "--inner-lr", "nan", "--out", out], env, "--inner-lr"),
         (["train", "--algo", "maml3", "--out", out], env, "--algo"),
+        (["train", "--algo", "imaml", "--imaml-cg-steps", "0", "--out", out], env, "--imaml-cg-steps"),
         (["train", "--out", "/etc/passwd/run"], env, "cannot create output directory"),
         (["train", "--data-dir", str(tmp_path / "nowhere"), "--cache-dir", fresh_cache, "--out", out], env,
          "nowhere"),

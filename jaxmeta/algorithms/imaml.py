@@ -97,13 +97,8 @@ def proximal_adapt(
       The adapted parameters ``φ``, with the gradient stopped.
     """
     theta = jax.lax.stop_gradient(params)
-
-    def regularised(p, b):
-        loss = loss_value(loss_fn, p, b, has_aux=has_aux)[0]
-        sq = sum(jnp.sum(jnp.square(pi - ti)) for pi, ti in zip(jax.tree.leaves(p), jax.tree.leaves(theta)))
-        return loss + 0.5 * lam * sq
-
-    adapted = inner_adapt(regularised, theta, batch, steps=steps, lr=lr, first_order=True)
+    adapted = inner_adapt(loss_fn, theta, batch, steps=steps, lr=lr, first_order=True, has_aux=has_aux,
+                          proximal=lam)
     return jax.lax.stop_gradient(adapted)
 
 

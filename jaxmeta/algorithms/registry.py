@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import optax
 
@@ -101,19 +103,33 @@ def make_learner(
     raise ConfigError(f"unknown algorithm {algo!r}; choose from {', '.join(ALGORITHMS)}")
 
 
-def adaptation(algo: str, meta_params: PyTree, inner_lr: float, *, head: str = "head") -> tuple[Params, PyTree]:
-    """``(initial parameters, inner learning rate)`` with which a trained learner adapts at test time.
+class Adaptation(NamedTuple):
+    """How a trained learner adapts at test time (the keyword arguments of :func:`jaxmeta.evaluate`)."""
+
+    params: Params
+    """The initial parameters."""
+    lr: PyTree
+    """The inner learning rate: a scalar or a pytree like ``params``."""
+    proximal: float | None = None
+    """λ of iMAML's proximal term ``(λ/2)·||φ − params||²`` on the support loss, else ``None``."""
+
+
+def adaptation(
+    algo: str, meta_params: PyTree, inner_lr: float, *, head: str = "head", imaml_lam: float = 1.0
+) -> Adaptation:
+    """The initial parameters, rate and inner problem with which a trained learner adapts at test time.
 
     Meta-SGD adapts with its learned per-parameter rates; MAML++ with its
     learned per-layer rates of the last training step (for any number of test
-    steps); ANIL fine-tunes the head only; the others use plain SGD at
-    ``inner_lr`` on all parameters.
+    steps); ANIL fine-tunes the head only; iMAML solves its training inner
+    problem, the support loss plus ``(imaml_lam/2)·||φ − θ||²``; the others use
+    plain SGD at ``inner_lr`` on all parameters.
     """
     if algo == "meta_sgd":
-        return meta_sgd_params(meta_params)
+        return Adaptation(*meta_sgd_params(meta_params))
     if algo == "mamlpp":
         params, lrs = mamlpp_params(meta_params)
-        return params, jax.tree.map(lambda r: r[-1], lrs)
+        return Adaptation(params, jax.tree.map(lambda r: r[-1], lrs))
     if algo == "anil":
-        return meta_params, head_only_lr(meta_params, inner_lr, head=head)
-    return meta_params, inner_lr
+        return Adaptation(meta_params, head_only_lr(meta_params, inner_lr, head=head))
+    return Adaptation(meta_params, inner_lr, imaml_lam if algo == "imaml" else None)
