@@ -33,7 +33,13 @@ import numpy as np
 
 from jaxmeta import adapt_and_observe, evaluate
 from jaxmeta.algorithms.anil import flax_anil_fns
-from jaxmeta.algorithms.registry import ALGORITHMS, BASE_ALGORITHMS, adaptation, make_learner
+from jaxmeta.algorithms.registry import (
+    ALGORITHMS,
+    BASE_ALGORITHMS,
+    adaptation,
+    evaluate_learner,
+    make_learner,
+)
 from jaxmeta.cli import ArgumentParser, choice_list, int_list, positive_float, positive_int, run, writable_dir
 from jaxmeta.data import sinusoid
 from jaxmeta.errors import ConfigError
@@ -174,7 +180,9 @@ def train_algorithm(
 def _identity(config: SinusoidConfig) -> dict:
     evaluation_only = ("meta_steps", "log_every", "eval_shots", "eval_steps", "test_tasks", "query_points",
                        "test_points", "pretrain_lr_grid", "train_shots")
-    return {k: v for k, v in dataclasses.asdict(config).items() if k not in evaluation_only}
+    later = {"imaml_lam": 1.0, "imaml_cg_steps": 5}  # added after the first runs: omitted at their defaults
+    return {k: v for k, v in dataclasses.asdict(config).items()
+            if k not in evaluation_only and not (k in later and v == later[k])}
 
 
 def tuned_lr(config: SinusoidConfig, algo: str, params, shots: int) -> float:
@@ -221,10 +229,9 @@ def evaluate_algorithm(
     out, medians, curves, rates, nonfinite = {}, {}, {}, {}, {}
     for shots in config.eval_shots if eval_shots is None else eval_shots:
         inner_lr = rates[str(shots)] = tuned_lr(config, algo, meta_params, shots)
-        adapt = adaptation(algo, meta_params, inner_lr, head=ANIL_HEAD, imaml_lam=config.imaml_lam)
         tasks = sinusoid.pool_tasks(x, y, shots=shots, queries=config.query_points)
-        result = evaluate(loss_fn, adapt.params, tasks, steps=max(config.eval_steps), lr=adapt.lr,
-                          proximal=adapt.proximal)
+        result = evaluate_learner(algo, loss_fn, meta_params, tasks, steps=max(config.eval_steps), inner_lr=inner_lr,
+                                  head=ANIL_HEAD, imaml_lam=config.imaml_lam)
         mean, ci = np.asarray(result.mean["loss"]), np.asarray(result.ci95["loss"])
         per_task = np.asarray(result.per_task["loss"])
         median = np.median(per_task, axis=0)

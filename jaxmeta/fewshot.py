@@ -26,12 +26,10 @@ import numpy as np
 
 from jaxmeta import checkpoint as ckpt
 from jaxmeta.algorithms.anil import flax_anil_fns
-from jaxmeta.algorithms.registry import ALGORITHMS, adaptation, make_learner
+from jaxmeta.algorithms.registry import ALGORITHMS, adapt_learner, evaluate_learner, make_learner
 from jaxmeta.data import episodes
 from jaxmeta.distributed import check_meta_batch, task_mesh
 from jaxmeta.errors import CheckpointError, ConfigError, DataError
-from jaxmeta.evaluation import evaluate as evaluate_tasks
-from jaxmeta.inner import adapt_and_observe
 from jaxmeta.io import read_jsonl, save_figure, write_json
 from jaxmeta.models import classification_loss, conv4_miniimagenet, conv4_omniglot
 from jaxmeta.training import METRICS_FILE, init_train_state, train
@@ -121,6 +119,7 @@ class FewShotConfig:
     reptile_epsilon: float = 1.0
     imaml_lam: float = 1.0
     imaml_cg_steps: int = 5
+    per_step_bn: bool = False
     meta_steps: int = 60_000
     split: str = "maml"
     seed: int = 0
@@ -142,9 +141,15 @@ class FewShotConfig:
                         "data_dir", "cache_dir", "test_tasks", "val_tasks", "test_inner_steps", "chunk_size",
                         "eval_queries", "devices")
 
+    # Fields added after runs were first written: left out of the identity at their defaults, so a
+    # checkpoint written before them still matches.
+    IDENTITY_LATER = (("imaml_lam", 1.0), ("imaml_cg_steps", 5), ("per_step_bn", False))
+
     def identity(self) -> dict:
         """The fields a checkpoint must agree on to be resumed (model, task, algorithm)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.IDENTITY_EXCLUDE}
+        later = dict(self.IDENTITY_LATER)
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if k not in self.IDENTITY_EXCLUDE and not (k in later and v == later[k])}
 
     def validate(self) -> None:
         """Checks everything that needs no data; raises :class:`ConfigError`."""
@@ -173,6 +178,8 @@ class FewShotConfig:
             raise ConfigError(f"unknown split {self.split!r}; choose maml or lake")
         if self.test_tasks < 2:
             raise ConfigError("tasks must be at least 2 for a confidence interval")
+        if self.per_step_bn and self.algo != "mamlpp":
+            raise ConfigError(f"per-step-bn is a MAML++ switch (--algo mamlpp), not one of {self.algo}")
 
     def validate_data(self, train: np.ndarray, test: np.ndarray) -> None:
         """Checks the episodes against the data: ways ≤ classes, K + Q ≤ examples per class."""
@@ -225,6 +232,7 @@ def build(config: FewShotConfig):
         reptile_epsilon=config.reptile_epsilon,
         imaml_lam=config.imaml_lam,
         imaml_cg_steps=config.imaml_cg_steps,
+        mamlpp_per_step_bn=config.per_step_bn,
         anil_fns=flax_anil_fns(model, classification_loss, head="head") if config.algo == "anil" else None,
     )
     return model, loss_fn, learner
@@ -258,9 +266,8 @@ def fixed_tasks(config: FewShotConfig, images: np.ndarray, *, num_tasks: int, se
 
 def score(config: FewShotConfig, loss_fn, meta_params, tasks, steps: int) -> dict:
     """Accuracy (and loss) after 0..steps inner steps, mean and 95% CI over tasks."""
-    adapt = adaptation(config.algo, meta_params, config.inner_lr, imaml_lam=config.imaml_lam)
-    result = evaluate_tasks(loss_fn, adapt.params, tasks, steps=steps, lr=adapt.lr, has_aux=True,
-                            proximal=adapt.proximal)
+    result = evaluate_learner(config.algo, loss_fn, meta_params, tasks, steps=steps, inner_lr=config.inner_lr,
+                              has_aux=True, imaml_lam=config.imaml_lam, mamlpp_per_step_bn=config.per_step_bn)
     acc, ci = np.asarray(result.mean["accuracy"]), np.asarray(result.ci95["accuracy"])
     return {
         "accuracy": float(acc[-1]),
@@ -425,14 +432,13 @@ def episode(run_dir: str, support_dir: str, query_dir: str, *, inner_steps: int 
     model, loss_fn, _ = build(config)
     example_shape = task.support[0].shape[1:]
     _, meta_params = load_params(run_dir, config, model, example_shape)
-    adapt = adaptation(config.algo, meta_params, config.inner_lr, imaml_lam=config.imaml_lam)
     support = tuple(jnp.asarray(a) for a in task.support)
     query_x = jnp.asarray(task.query[0])
     if spec.normalize is not None:  # the folder loader returns floats holding the data set's uint8 values
         support = (spec.normalize(support[0].astype(jnp.uint8)), support[1])
         query_x = spec.normalize(query_x.astype(jnp.uint8))
-    adapted, _ = adapt_and_observe(loss_fn, adapt.params, support, steps=steps, lr=adapt.lr, has_aux=True,
-                                   proximal=adapt.proximal)
+    adapted = adapt_learner(config.algo, loss_fn, meta_params, support, steps=steps, inner_lr=config.inner_lr,
+                            has_aux=True, imaml_lam=config.imaml_lam, mamlpp_per_step_bn=config.per_step_bn)
     logits = model.apply({"params": adapted}, query_x)
     predicted = np.asarray(jnp.argmax(logits[:, : len(class_names)], axis=-1))
     accuracy = float(np.mean(predicted == np.asarray(task.query[1])))

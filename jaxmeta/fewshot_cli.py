@@ -21,7 +21,7 @@ PresetFn = Callable[[str, int, int], dict]
 OVERRIDES = ("meta_steps", "meta_batch", "queries", "inner_steps", "inner_lr", "test_inner_steps", "outer_lr",
              "seed", "split", "data_dir", "cache_dir", "conv_impl", "chunk_size", "log_every", "val_every",
              "checkpoint_every", "max_bad_steps", "val_tasks", "test_tasks", "eval_queries", "remat", "devices",
-             "imaml_lam", "imaml_cg_steps")
+             "imaml_lam", "imaml_cg_steps", "per_step_bn")
 
 
 def build_parser(dataset: str, presets: Sequence[str], data_env: str) -> ArgumentParser:
@@ -44,6 +44,8 @@ def build_parser(dataset: str, presets: Sequence[str], data_env: str) -> Argumen
     t.add_argument("--outer-lr", type=positive_float, help="outer (Adam) learning rate")
     t.add_argument("--imaml-lam", type=positive_float, help="iMAML's proximal strength lambda (default 1)")
     t.add_argument("--imaml-cg-steps", type=positive_int, help="iMAML's conjugate-gradient steps (default 5)")
+    t.add_argument("--per-step-bn", action="store_true", default=None,
+                   help="MAML++: per-step batch-norm weights and biases (BNWB)")
     t.add_argument("--seed", type=int)
     t.add_argument("--split", choices=("maml", "lake"))
     t.add_argument("--data-dir", help=f"directory of the original data (else ${data_env})")

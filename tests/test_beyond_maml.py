@@ -32,9 +32,10 @@ from jaxmeta.algorithms.mamlpp import (
     per_step_init,
     per_step_lr,
     per_step_view,
+    rates_for_steps,
 )
 from jaxmeta.algorithms.meta_sgd import meta_sgd, meta_sgd_objective, meta_sgd_params
-from jaxmeta.algorithms.registry import adaptation
+from jaxmeta.algorithms.registry import adapt_learner, adaptation, evaluate_learner
 from jaxmeta.models import BatchNorm, Conv4, classification_loss
 
 
@@ -416,6 +417,31 @@ def test_mamlpp_per_step_batch_norm_rows_get_gradient_only_where_used_on_conv4()
     result = mamlpp_evaluate(loss_fn, meta, lrs, tasks, has_aux=True, chunk_size=None, per_step=is_batch_norm)
     np.testing.assert_allclose(np.asarray(result.mean["loss"])[[0, 2]], [metrics["query_loss_pre"], metrics["query_loss_post"]],
                                rtol=1e-10)
+    # The experiments' evaluation is that one, and goes on past the trained steps with the last rate and row.
+    kwargs = {"inner_lr": 0.3, "has_aux": True, "mamlpp_per_step_bn": True}
+    longer = evaluate_learner("mamlpp", loss_fn, state.params, tasks, steps=4, chunk_size=None, **kwargs)
+    np.testing.assert_allclose(np.asarray(longer.per_task["loss"])[:, :3], result.per_task["loss"], rtol=1e-10)
+    task0 = jax.tree.map(lambda t: t[0], tasks)
+    for steps in (1, 2, 4):
+        adapted = adapt_learner("mamlpp", loss_fn, state.params, task0.support, steps=steps, **kwargs)
+        assert adapted["bn_0"]["scale"].shape == (4,)  # ordinary parameters: the row of that step
+        np.testing.assert_allclose(loss_fn(adapted, task0.query)[0], longer.per_task["loss"][0, steps], rtol=1e-10)
+    # Beyond the trained steps: one more step at step 2's rate, seen through row 2 (the last).
+    params2 = adapt_learner("mamlpp", loss_fn, state.params, task0.support, steps=2, **kwargs)
+    grad = jax.grad(lambda p: loss_fn(p, task0.support)[0])(params2)
+    step3 = jax.tree.map(lambda p, g: p - 0.3 * g, params2, grad)
+    step3 = {**step3, **{k: params2[k] for k in params2 if k.startswith("bn")}}  # rows are not adapted
+    np.testing.assert_allclose(loss_fn(step3, task0.query)[0], longer.per_task["loss"][0, 3], rtol=1e-8)
+
+
+def test_mamlpp_rates_for_steps_truncate_and_repeat_the_last():
+    lrs = {"a": jnp.array([0.1, 0.2]), "b": jnp.array([[1.0, 2.0], [3.0, 4.0]]), "bn": None}
+    longer = rates_for_steps(lrs, 4)
+    np.testing.assert_allclose(longer["a"], [0.1, 0.2, 0.2, 0.2])
+    np.testing.assert_allclose(longer["b"], [[1, 2], [3, 4], [3, 4], [3, 4]])
+    assert longer["bn"] is None
+    np.testing.assert_allclose(rates_for_steps(lrs, 1)["a"], [0.1])
+    assert rates_for_steps(lrs, 0)["b"].shape == (0, 2)
 
 
 # ----------------------------------------------------------------------------- iMAML

@@ -105,6 +105,23 @@ def per_step_lr(params: Params, inner_lr: float, steps: int) -> PyTree:
     return jax.tree.map(lambda p: jnp.full((steps,), inner_lr, jnp.result_type(p)), params)
 
 
+def rates_for_steps(lrs: PyTree, steps: int) -> PyTree:
+    """Per-step rates for ``steps`` inner steps: the first ``steps`` rows, the last repeated beyond them.
+
+    MAML++ learns one rate per trained step; testing with more steps keeps
+    the last step's rate (and, with per-step batch norm, :func:`per_step_view`
+    keeps the last row), testing with fewer uses the first rows.
+    """
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+
+    def extend(r):
+        index = jnp.minimum(jnp.arange(steps), r.shape[0] - 1)
+        return r[index]
+
+    return jax.tree.map(extend, lrs)
+
+
 def is_batch_norm(path: tuple, leaf: object) -> bool:
     """Whether a leaf belongs to a batch-norm layer: a key on its path starts with ``bn`` or ``BatchNorm``.
 
@@ -318,7 +335,32 @@ def mamlpp_params(state: MetaState | dict[str, PyTree]) -> tuple[Params, PyTree]
     return meta["params"], meta["lr"]
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn", "has_aux", "chunk_size", "per_step"))
+def mamlpp_adapt(
+    loss_fn: LossFn,
+    params: Params,
+    lrs: PyTree,
+    support: Batch,
+    *,
+    steps: int,
+    has_aux: bool = False,
+    per_step: LeafPredicate | None = None,
+) -> Params:
+    """Adapts a MAML++ initialisation to one support set with ``steps`` per-step-rate SGD steps.
+
+    The rates come from :func:`rates_for_steps`; with ``per_step`` (per-step
+    batch norm) the returned parameters carry row ``steps`` of every per-step
+    leaf (the last row beyond the trained steps), so ``loss_fn`` and the
+    model take them as they are.
+    """
+    at_step = None
+    if per_step is not None:
+        params, at_step = per_step_view(params, per_step)
+    adapted, _ = adapt_per_step(loss_fn, params, support, lrs=rates_for_steps(lrs, steps), has_aux=has_aux,
+                                at_step=at_step)
+    return adapted if at_step is None else at_step(adapted, steps)
+
+
+@functools.partial(jax.jit, static_argnames=("loss_fn", "has_aux", "chunk_size", "per_step", "steps"))
 def mamlpp_evaluate(
     loss_fn: LossFn,
     params: Params,
@@ -328,6 +370,7 @@ def mamlpp_evaluate(
     has_aux: bool = False,
     chunk_size: int | None = 50,
     per_step: LeafPredicate | None = None,
+    steps: int | None = None,
 ):
     """:func:`jaxmeta.evaluate` with per-step rates: query metrics after 0..N steps.
 
@@ -340,12 +383,16 @@ def mamlpp_evaluate(
       chunk_size: tasks adapted at once; ``None`` for all.
       per_step: the per-step leaves (e.g. :func:`is_batch_norm`) of a learner
         trained with ``per_step_bn=True``; ``None`` otherwise.
+      steps: test with this many steps instead of N (:func:`rates_for_steps`:
+        the last step's rate, and batch-norm row, beyond the trained steps).
 
     Returns:
-      A :class:`jaxmeta.EvalResult` with ``[N + 1]`` means and CIs.
+      A :class:`jaxmeta.EvalResult` with ``[N + 1]`` (or ``[steps + 1]``) means and CIs.
     """
     from jaxmeta.evaluation import EvalResult, ci95  # lazy: evaluation imports the algorithms package
 
+    if steps is not None:
+        lrs = rates_for_steps(lrs, steps)
     at_step = None
     if per_step is not None:
         params, at_step = per_step_view(params, per_step)

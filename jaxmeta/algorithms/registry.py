@@ -11,13 +11,13 @@ from jaxmeta.algorithms.anil import anil, head_only_lr
 from jaxmeta.algorithms.base import MetaLearner
 from jaxmeta.algorithms.imaml import imaml
 from jaxmeta.algorithms.maml import maml
-from jaxmeta.algorithms.mamlpp import mamlpp, mamlpp_params
+from jaxmeta.algorithms.mamlpp import is_batch_norm, mamlpp, mamlpp_adapt, mamlpp_evaluate, mamlpp_params
 from jaxmeta.algorithms.meta_sgd import meta_sgd, meta_sgd_params
 from jaxmeta.algorithms.pretrain import pretrain
 from jaxmeta.algorithms.reptile import reptile
 from jaxmeta.errors import ConfigError
-from jaxmeta.inner import LossFn
-from jaxmeta.types import Params, PyTree
+from jaxmeta.inner import LossFn, inner_adapt
+from jaxmeta.types import Batch, Params, PyTree, Task
 
 BASE_ALGORITHMS = ("maml", "fomaml", "reptile", "pretrain")
 ALGORITHMS = BASE_ALGORITHMS + ("meta_sgd", "anil", "mamlpp", "imaml")
@@ -39,6 +39,7 @@ def make_learner(
     anil_head: str = "head",
     imaml_lam: float = 1.0,
     imaml_cg_steps: int = 5,
+    mamlpp_per_step_bn: bool = False,
     inner_optimizer: optax.GradientTransformation | None = None,
 ) -> MetaLearner:
     """Builds the named meta-learner with the experiments' conventions.
@@ -51,7 +52,8 @@ def make_learner(
     :func:`~jaxmeta.algorithms.anil.flax_anil_fns`).  MAML++ switches on all
     its generic stabilisers: multi-step loss annealed over the first tenth of
     ``meta_steps``, learned per-layer per-step inner rates, first order for the
-    first third, cosine annealing of the outer rate.  ``inner_optimizer``
+    first third, cosine annealing of the outer rate; ``mamlpp_per_step_bn`` adds
+    per-step batch-norm weights and biases (BNWB).  ``inner_optimizer``
     (e.g. Adam) replaces inner SGD for MAML, first-order MAML and Reptile.
 
     Raises:
@@ -96,7 +98,7 @@ def make_learner(
                       msl_anneal_steps=max(1, meta_steps // 10) if meta_steps else 5000,
                       derivative_order_anneal_steps=meta_steps // 3 if meta_steps else None,
                       cosine_outer=meta_steps is not None, total_steps=meta_steps,
-                      remat=remat, has_aux=has_aux, chunk_size=chunk_size)
+                      per_step_bn=mamlpp_per_step_bn, remat=remat, has_aux=has_aux, chunk_size=chunk_size)
     if algo == "imaml":
         return imaml(loss_fn, inner_steps=inner_steps, inner_lr=inner_lr, lam=imaml_lam, cg_steps=imaml_cg_steps,
                      outer=optax.adam(outer_lr), has_aux=has_aux, chunk_size=chunk_size)
@@ -133,3 +135,61 @@ def adaptation(
     if algo == "anil":
         return Adaptation(meta_params, head_only_lr(meta_params, inner_lr, head=head))
     return Adaptation(meta_params, inner_lr, imaml_lam if algo == "imaml" else None)
+
+
+def evaluate_learner(
+    algo: str,
+    loss_fn: LossFn,
+    meta_params: PyTree,
+    tasks: Task,
+    *,
+    steps: int,
+    inner_lr: float,
+    has_aux: bool = False,
+    chunk_size: int | None = 50,
+    head: str = "head",
+    imaml_lam: float = 1.0,
+    mamlpp_per_step_bn: bool = False,
+):
+    """Adapts a trained learner to every test task as it adapts in training; metrics after 0..``steps`` steps.
+
+    MAML++ adapts with its learned per-step rates (and per-step batch norm),
+    the last step's beyond the trained steps (:func:`mamlpp_evaluate`); every
+    other algorithm goes through :func:`jaxmeta.evaluate` with
+    :func:`adaptation`.
+
+    Returns:
+      A :class:`jaxmeta.EvalResult`.
+    """
+    if algo == "mamlpp":
+        params, lrs = mamlpp_params(meta_params)
+        return mamlpp_evaluate(loss_fn, params, lrs, tasks, has_aux=has_aux, chunk_size=chunk_size, steps=steps,
+                               per_step=is_batch_norm if mamlpp_per_step_bn else None)
+    from jaxmeta.evaluation import evaluate  # lazy: evaluation imports the algorithms package
+
+    adapt = adaptation(algo, meta_params, inner_lr, head=head, imaml_lam=imaml_lam)
+    return evaluate(loss_fn, adapt.params, tasks, steps=steps, lr=adapt.lr, has_aux=has_aux, chunk_size=chunk_size,
+                    proximal=adapt.proximal)
+
+
+def adapt_learner(
+    algo: str,
+    loss_fn: LossFn,
+    meta_params: PyTree,
+    support: Batch,
+    *,
+    steps: int,
+    inner_lr: float,
+    has_aux: bool = False,
+    head: str = "head",
+    imaml_lam: float = 1.0,
+    mamlpp_per_step_bn: bool = False,
+) -> Params:
+    """One task's adapted parameters, adapted as :func:`evaluate_learner` adapts (ordinary parameters)."""
+    if algo == "mamlpp":
+        params, lrs = mamlpp_params(meta_params)
+        return mamlpp_adapt(loss_fn, params, lrs, support, steps=steps, has_aux=has_aux,
+                            per_step=is_batch_norm if mamlpp_per_step_bn else None)
+    adapt = adaptation(algo, meta_params, inner_lr, head=head, imaml_lam=imaml_lam)
+    return inner_adapt(loss_fn, adapt.params, support, steps=steps, lr=adapt.lr, has_aux=has_aux,
+                       proximal=adapt.proximal)
