@@ -323,7 +323,9 @@ def _read_sweep(path: str) -> dict:
         raise ConfigError(f"cannot read sweep {path}: {e.strerror}") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path} is not JSON: {e.msg} (line {e.lineno})") from None
-    if not isinstance(sweep, dict) or not {"results", "matmul_peak", "device"} <= sweep.keys():
+    if (not isinstance(sweep, dict) or not {"results", "matmul_peak", "device"} <= sweep.keys()
+            or not {"backend", "device_kind"} <= set(sweep["device"])
+            or not all(isinstance(r, dict) and {"config", "ms_per_step"} <= r.keys() for r in sweep["results"])):
         raise ConfigError(f"{path} is not a sweep.json written by --sweep")
     return sweep
 

@@ -236,10 +236,13 @@ def test_merge_joins_sweeps_of_one_device_keeping_first_measurements(tmp_path, c
                          device={**bm.device_description(), "backend": "gpu", "device_kind": "NVIDIA H200"})
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps({**json.loads(Path(first).read_text()), "results": [{"ms_per_step": 1.0}]}))
     capsys.readouterr()
     for args, message in (([first, other], "NVIDIA H200"), ([str(bad)], "is not JSON"),
                           ([str(tmp_path / "none.json")], "cannot read sweep"),
-                          ([str(tmp_path / "m" / "sweep.md")], "is not JSON")):
+                          ([str(tmp_path / "m" / "sweep.md")], "is not JSON"),
+                          ([str(broken)], "is not a sweep.json")):
         with pytest.raises(SystemExit) as exit_info:
             run(benchmark.main, ["--merge", *args, "--out", str(tmp_path / "x")])
         assert exit_info.value.code == 2
