@@ -179,7 +179,7 @@ class FewShotConfig:
         if self.test_tasks < 2:
             raise ConfigError("tasks must be at least 2 for a confidence interval")
         if self.per_step_bn and self.algo != "mamlpp":
-            raise ConfigError(f"per-step-bn is a MAML++ switch (--algo mamlpp), not one of {self.algo}")
+            raise ConfigError(f"per-step-bn is a MAML++ switch (--algo mamlpp); {self.algo} has no per-step batch norm")
 
     def validate_data(self, train: np.ndarray, test: np.ndarray) -> None:
         """Checks the episodes against the data: ways ≤ classes, K + Q ≤ examples per class."""
