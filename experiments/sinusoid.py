@@ -31,15 +31,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmeta import adapt_and_observe, evaluate
+from jaxmeta import evaluate
 from jaxmeta.algorithms.anil import flax_anil_fns
 from jaxmeta.algorithms.registry import (
     ALGORITHMS,
     BASE_ALGORITHMS,
-    adaptation,
+    adapt_learner,
     evaluate_learner,
     make_learner,
 )
+from jaxmeta.checkpoint import config_identity
 from jaxmeta.cli import ArgumentParser, choice_list, int_list, positive_float, positive_int, run, writable_dir
 from jaxmeta.data import sinusoid
 from jaxmeta.errors import ConfigError
@@ -180,9 +181,7 @@ def train_algorithm(
 def _identity(config: SinusoidConfig) -> dict:
     evaluation_only = ("meta_steps", "log_every", "eval_shots", "eval_steps", "test_tasks", "query_points",
                        "test_points", "pretrain_lr_grid", "train_shots")
-    later = {"imaml_lam": 1.0, "imaml_cg_steps": 5}  # added after the first runs: omitted at their defaults
-    return {k: v for k, v in dataclasses.asdict(config).items()
-            if k not in evaluation_only and not (k in later and v == later[k])}
+    return config_identity(config, exclude=evaluation_only, later=("imaml_lam", "imaml_cg_steps"))
 
 
 def tuned_lr(config: SinusoidConfig, algo: str, params, shots: int) -> float:
@@ -366,12 +365,11 @@ def plot_toy_fit(
     fig, axes = plt.subplots(1, len(shown), figsize=(5.5 * len(shown), 4), squeeze=False)
     for ax, algo in zip(axes[0], shown):
         inner_lr = results_lr[algo] if results_lr else algo_inner(config, algo)[1]
-        adapt = adaptation(algo, trained[algo], inner_lr, head=ANIL_HEAD, imaml_lam=config.imaml_lam)
-        _, fits = adapt_and_observe(loss_fn, adapt.params, support, steps=10, lr=adapt.lr, proximal=adapt.proximal,
-                                    observe=lambda p: model.apply({"params": p}, grid))
         ax.plot(grid, truth, "k-", label="ground truth")
         for s, style in ((0, ":"), (1, "--"), (10, "-")):
-            ax.plot(grid, fits[s], style, label=f"after {s} step{'s' * (s != 1)}")
+            adapted = adapt_learner(algo, loss_fn, trained[algo], support, steps=s, inner_lr=inner_lr, head=ANIL_HEAD,
+                                    imaml_lam=config.imaml_lam)  # adapted as the test tasks are
+            ax.plot(grid, model.apply({"params": adapted}, grid), style, label=f"after {s} step{'s' * (s != 1)}")
         ax.plot(support[0], support[1], "^", color="tab:purple", markersize=9, label=f"{shots} points used")
         ax.set(title=f"{algo}", xlabel="x", ylabel="y")
         ax.legend(fontsize=8)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+from collections.abc import Collection
 from typing import Any
 
 import jax
@@ -12,6 +14,19 @@ import orbax.checkpoint as ocp
 from jaxmeta.errors import CheckpointError
 
 CHECKPOINT_DIR = "checkpoints"
+
+
+def config_identity(config: Any, *, exclude: Collection[str] = (), later: Collection[str] = ()) -> dict:
+    """A dataclass configuration's fields as a run identity (what a checkpoint must agree on).
+
+    ``exclude`` names fields that may change between runs of one identity.
+    ``later`` names fields added after runs were first written: each is left
+    out while it holds its default, so a checkpoint written before it existed
+    still matches.
+    """
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    return {k: v for k, v in dataclasses.asdict(config).items()
+            if k not in exclude and not (k in later and v == defaults[k])}
 
 
 def manager(run_dir: str, *, keep: int = 3, create: bool = True) -> ocp.CheckpointManager:

@@ -141,15 +141,12 @@ class FewShotConfig:
                         "data_dir", "cache_dir", "test_tasks", "val_tasks", "test_inner_steps", "chunk_size",
                         "eval_queries", "devices")
 
-    # Fields added after runs were first written: left out of the identity at their defaults, so a
-    # checkpoint written before them still matches.
-    IDENTITY_LATER = (("imaml_lam", 1.0), ("imaml_cg_steps", 5), ("per_step_bn", False))
+    IDENTITY_LATER = ("imaml_lam", "imaml_cg_steps", "per_step_bn")
+    """Fields added after runs were first written: out of the identity at their defaults."""
 
     def identity(self) -> dict:
         """The fields a checkpoint must agree on to be resumed (model, task, algorithm)."""
-        later = dict(self.IDENTITY_LATER)
-        return {k: v for k, v in dataclasses.asdict(self).items()
-                if k not in self.IDENTITY_EXCLUDE and not (k in later and v == later[k])}
+        return ckpt.config_identity(self, exclude=self.IDENTITY_EXCLUDE, later=self.IDENTITY_LATER)
 
     def validate(self) -> None:
         """Checks everything that needs no data; raises :class:`ConfigError`."""

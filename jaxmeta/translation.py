@@ -248,7 +248,7 @@ def validation_tasks(config: TranslationConfig, corpus: tdata.Corpus) -> Task:
     tasks = []
     for code in config.val_langs:
         train_pairs = [p for p in corpus.train(code) if tdata.fits(p, config.max_len)]
-        dev_pairs = [p for p in corpus.splits[code].dev if tdata.fits(p, config.max_len)]
+        dev_pairs = dev_subset(config, corpus, code)
         for _ in range(config.val_tasks):
             s = rng.choice(len(train_pairs), config.finetune_batch, replace=False)
             q = rng.choice(len(dev_pairs), min(len(dev_pairs), 2 * config.query), replace=False)
@@ -391,6 +391,11 @@ def training_subset(config: TranslationConfig, corpus: tdata.Corpus, code: str, 
     return [usable[i] for i in order[: len(usable) if size is None else size]]
 
 
+def dev_subset(config: TranslationConfig, corpus: tdata.Corpus, code: str) -> list[tuple[str, str]]:
+    """The language's development pairs that fit ``max_len`` (early stopping and rate choice)."""
+    return [p for p in corpus.splits[code].dev if tdata.fits(p, config.max_len)]
+
+
 class Finetuner:
     """Compiled fine-tuning, dev loss and decoding for one configuration (compiled once)."""
 
@@ -446,14 +451,10 @@ class Finetuner:
         training pairs; target languages play no part in the choice.
         """
         c = self.config
-        losses = {}
-        for lr in c.finetune_lrs:
-            per_lang = []
-            for code in c.val_langs:
-                pairs = training_subset(c, corpus, code, min(c.finetune_val_pairs, self.capacity), 0)
-                dev = [p for p in corpus.splits[code].dev if tdata.fits(p, c.max_len)]
-                per_lang.append(self.finetune(params, pairs, dev, 0, lr)[1]["dev_loss"])
-            losses[lr] = float(np.mean(per_lang))
+        data = [(training_subset(c, corpus, code, min(c.finetune_val_pairs, self.capacity), 0),
+                 dev_subset(c, corpus, code)) for code in c.val_langs]
+        losses = {lr: float(np.mean([self.finetune(params, pairs, dev, 0, lr)[1]["dev_loss"] for pairs, dev in data]))
+                  for lr in c.finetune_lrs}
         return min(losses, key=losses.get), losses
 
     def translate(self, params, sources: Sequence[str], *, max_len: int, batch: int = 100) -> list[str]:
@@ -589,7 +590,7 @@ def evaluate_grid(run_dirs: Sequence[str], out_dir: str, *, langs: Sequence[str]
         for code, size, seed, run_dir in todo:
             started = time.perf_counter()
             pairs = training_subset(config, corpus, code, parse_size(size), seed)
-            dev = [p for p in corpus.splits[code].dev if tdata.fits(p, config.max_len)]
+            dev = dev_subset(config, corpus, code)
             run_config, init = inits[run_dir]
             params, info = tuner.finetune(init, pairs, dev, seed, rates[os.path.abspath(run_dir)]["lr"])
             test = corpus.splits[code].test
@@ -770,7 +771,7 @@ def finetune_one(run_dir: str, lang: str, size: str, *, seed: int = 0) -> dict:
     n = parse_size(size)
     corpus = held_out_corpus(config)
     pairs = training_subset(config, corpus, lang, n, seed)
-    dev = [p for p in corpus.splits[lang].dev if tdata.fits(p, config.max_len)]
+    dev = dev_subset(config, corpus, lang)
     tuner = Finetuner(config, max(len(pairs), config.finetune_val_pairs))
     lr, _ = tuner.choose_lr(init, corpus)
     params, info = tuner.finetune(init, pairs, dev, seed, lr)
