@@ -188,7 +188,7 @@ def test_seed_statistics_use_student_t_and_pair_by_seed():
     assert tr.seed_ci95([1.0]) == 0.0
     assert tr.seed_ci95([1.0, 2.0, 3.0]) == pytest.approx(4.303 * 1.0 / np.sqrt(3))
     rows = [{"lang": "ron", "size": "100", "seed": s, "algo": a, "method": tr.METHOD_NAMES[a], "pairs": 100,
-             "tatoeba_chrf": v, "copy_chrf": 15.0}
+             "tatoeba_chrf": v, "dev_loss": v / 10, "copy_chrf": 15.0}
             for s, (m, p) in enumerate([(20.0, 18.0), (22.0, 21.0), (21.0, 17.0)])
             for a, v in (("fomaml", m), ("pretrain", p))]
     gaps = tr.paired_gaps(rows, "fomaml", "pretrain")
@@ -197,6 +197,8 @@ def test_seed_statistics_use_student_t_and_pair_by_seed():
     assert ci == pytest.approx(tr.seed_ci95([2.0, 1.0, 4.0]))
     table = tr.results_table(rows)
     assert "| ron | 100 | 21.0 ± " in table and "+2.3 ±" in table and "chrF ron 15.0" in table
+    # The development loss gets its own paired gap table, to three decimals.
+    assert "MultiNMT, development loss" in table and "| ron | 100 | +0.233 ± " in table
 
 
 def test_grid_sizes_a_language_cannot_fill_are_skipped_for_it_alone(translation_dir, capsys):

@@ -33,7 +33,10 @@ Two convolution implementations share one parameter layout (an HWIO kernel
   convolution, whose batching rule turns per-task kernels into a grouped
   convolution.
 
-``"auto"`` picks ``"patches"`` on the CPU backend and ``"native"`` otherwise.
+``"auto"`` picks ``"patches"`` on the CPU and GPU backends, where it was
+measured faster (on an H200, the 5-way 1-shot second-order meta-step took
+2.9 ms against 8.6 ms with one inner step and 6.3 ms against 39.9 ms with
+five; see the README), and ``"native"`` elsewhere (TPU: not measured).
 The choice also selects the 2x2 max-pool: an argmax-mask over reshaped windows
 for ``"patches"`` (faster than ``lax.reduce_window`` under vmap on CPU) and
 ``lax.reduce_window`` for ``"native"``; both pass gradients to the first
@@ -57,7 +60,8 @@ def resolve_conv_impl(conv_impl: str) -> str:
 
     Args:
       conv_impl: One of ``"auto"``, ``"patches"``, ``"native"``.  ``"auto"``
-        means ``"patches"`` on the CPU backend and ``"native"`` otherwise.
+        means ``"patches"`` on the CPU and GPU backends and ``"native"``
+        otherwise.
 
     Returns:
       ``"patches"`` or ``"native"``.
@@ -68,7 +72,7 @@ def resolve_conv_impl(conv_impl: str) -> str:
     if conv_impl not in CONV_IMPLS:
         raise ConfigError(f"conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}")
     if conv_impl == "auto":
-        return "patches" if jax.default_backend() == "cpu" else "native"
+        return "patches" if jax.default_backend() in ("cpu", "gpu") else "native"
     return conv_impl
 
 
