@@ -82,6 +82,8 @@ def build_parser() -> ArgumentParser:
                         help="timed many-step dispatches (default 3; sweep 2)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", metavar="OUT", help="write the result as JSON (atomically)")
+    parser.add_argument("--matmul-ceiling", action="store_true",
+                        help="also time each of the step's matrix products alone: the rate its matmuls reach here")
     parser.add_argument("--torch", action="store_true",
                         help="add the PyTorch comparison (5-way 1-shot B32 Q15, 1 step, second order)")
     parser.add_argument("--torch-repeats", type=positive_int, default=5, help="timed torch meta-steps per style")
@@ -212,8 +214,12 @@ def run_single(args) -> dict:
     peak = bm.matmul_peak_gflops()
     _say(f"  matmul peak {peak['peak_gflops']:.1f} GFLOP/s (median {peak['median_gflops']:.1f})")
     _say(config.label())
-    result = bm.benchmark(config, matmul_peak=peak, log=lambda m: _say(f"  {m}"))
+    result = bm.benchmark(config, matmul_peak=peak, ceiling=args.matmul_ceiling, log=lambda m: _say(f"  {m}"))
     _say("  " + bm.summary_line(result))
+    if args.matmul_ceiling:
+        for row in result["matmul_ceiling"]["shapes"][:8]:
+            _say(f"    {row['lhs']} x {row['rhs']} x{row['count']:g}: {row['gflops_per_s']:.4g} GFLOP/s, "
+                 f"{100 * row['time_share']:.0f}% of the matmul time")
     if args.torch:
         result["torch"] = torch_comparison(result, args)
     if args.json:
@@ -381,6 +387,8 @@ def _torch_markdown(report: dict) -> str:
 
 def main(argv: Sequence[str] | None = None):
     args = build_parser().parse_args(argv)
+    if args.matmul_ceiling and (args.merge or args.compare or args.sweep):
+        raise ConfigError("--matmul-ceiling measures one configuration: drop --sweep, --compare and --merge")
     if args.merge:
         return run_merge(args)
     if args.compare:

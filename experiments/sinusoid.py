@@ -41,7 +41,16 @@ from jaxmeta.algorithms.registry import (
     make_learner,
 )
 from jaxmeta.checkpoint import config_identity
-from jaxmeta.cli import ArgumentParser, choice_list, int_list, positive_float, positive_int, run, writable_dir
+from jaxmeta.cli import (
+    ArgumentParser,
+    choice_list,
+    int_list,
+    nonnegative_float,
+    positive_float,
+    positive_int,
+    run,
+    writable_dir,
+)
 from jaxmeta.data import sinusoid
 from jaxmeta.errors import ConfigError
 from jaxmeta.io import save_figure, write_json
@@ -64,6 +73,7 @@ class SinusoidConfig:
     reptile_epsilon: float = 0.1
     imaml_lam: float = 1.0
     imaml_cg_steps: int = 5
+    imaml_cg_damping: float = 0.0
     eval_shots: tuple[int, ...] = (5, 10, 20)
     eval_steps: tuple[int, ...] = (1, 5, 10)
     test_tasks: int = 600
@@ -83,6 +93,8 @@ class SinusoidConfig:
         for name in ("inner_lr", "outer_lr", "reptile_inner_lr", "reptile_epsilon", "imaml_lam"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if not (self.imaml_cg_damping >= 0 and np.isfinite(self.imaml_cg_damping)):
+            raise ConfigError(f"imaml-cg-damping must be a non-negative number, got {self.imaml_cg_damping}")
         if not self.eval_shots or not self.eval_steps:
             raise ConfigError("eval-shots and eval-steps must not be empty")
         if self.test_tasks < 2:
@@ -154,6 +166,7 @@ def train_algorithm(
         reptile_epsilon=config.reptile_epsilon,
         imaml_lam=config.imaml_lam,
         imaml_cg_steps=config.imaml_cg_steps,
+        imaml_cg_damping=config.imaml_cg_damping,
         anil_fns=flax_anil_fns(model, regression_loss, head=ANIL_HEAD) if algo == "anil" else None,
         anil_head=ANIL_HEAD,
     )
@@ -181,7 +194,7 @@ def train_algorithm(
 def _identity(config: SinusoidConfig) -> dict:
     evaluation_only = ("meta_steps", "log_every", "eval_shots", "eval_steps", "test_tasks", "query_points",
                        "test_points", "pretrain_lr_grid", "train_shots")
-    return config_identity(config, exclude=evaluation_only, later=("imaml_lam", "imaml_cg_steps"))
+    return config_identity(config, exclude=evaluation_only, later=("imaml_lam", "imaml_cg_steps", "imaml_cg_damping"))
 
 
 def tuned_lr(config: SinusoidConfig, algo: str, params, shots: int) -> float:
@@ -394,6 +407,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--outer-lr", type=positive_float)
     parser.add_argument("--imaml-lam", type=positive_float, help="iMAML's proximal strength lambda (default 1)")
     parser.add_argument("--imaml-cg-steps", type=positive_int, help="iMAML's conjugate-gradient steps (default 5)")
+    parser.add_argument("--imaml-cg-damping", type=nonnegative_float,
+                        help="iMAML: solve (I + H/(lambda + D)) g = grad instead of the exact D = 0 (default 0)")
     parser.add_argument("--eval-shots", type=int_list, help="comma-separated K values for testing")
     parser.add_argument("--eval-steps", type=int_list, help="comma-separated inner steps reported")
     parser.add_argument("--test-tasks", type=positive_int)

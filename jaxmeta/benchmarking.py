@@ -329,6 +329,94 @@ def count_flops(jaxpr) -> dict[str, float]:
     return {"total": total, "matmul": matmul, "unknown_loops": unknown}
 
 
+def matmul_shapes(jaxpr) -> dict[tuple, float]:
+    """The step's matrix products: ``{(lhs shape, rhs shape, dimension numbers, dtype): count}``.
+
+    Every ``dot_general`` of the (closed) jaxpr, with nested jaxprs followed
+    as :func:`count_flops` does: a ``scan`` body counts ``length`` times, a
+    ``cond`` its most expensive branch.  Convolutions are not included.
+    """
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    out: dict[tuple, float] = {}
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "dot_general":
+            lhs, rhs = (v.aval for v in eqn.invars[:2])
+            dn = eqn.params["dimension_numbers"]
+            dn = tuple(tuple(tuple(int(d) for d in ax) for ax in part) for part in dn)
+            key = (tuple(lhs.shape), tuple(rhs.shape), dn, str(lhs.dtype))
+            out[key] = out.get(key, 0.0) + 1.0
+            continue
+        subs = [j for v in eqn.params.values() for j in _sub_jaxprs(v)]
+        if not subs:
+            continue
+        found = [matmul_shapes(j) for j in subs]
+        if name == "cond":
+            found = [max(found, key=lambda f: sum(_dot_flops(k) * c for k, c in f.items()))]
+        times = float(eqn.params.get("length", 1)) if name == "scan" else 1.0
+        for f in found:
+            for key, count in f.items():
+                out[key] = out.get(key, 0.0) + times * count
+    return out
+
+
+def _dot_flops(key: tuple) -> float:
+    lhs, rhs, ((lc, rc), (lb, rb)), _ = key
+    batch = math.prod(lhs[d] for d in lb)
+    k = math.prod(lhs[d] for d in lc)
+    m = math.prod(s for d, s in enumerate(lhs) if d not in lc and d not in lb)
+    n = math.prod(s for d, s in enumerate(rhs) if d not in rc and d not in rb)
+    return 2.0 * batch * m * n * k
+
+
+def matmul_ceiling(jaxpr, *, repeats: int = 5, log: Callable[[str], None] | None = None) -> dict:
+    """Times every distinct matrix product of a step alone: the rate its matmuls can reach here.
+
+    Each shape is compiled on its own and timed: rounds of about 20 ms of
+    calls dispatched back to back, best of ``repeats`` rounds after a warm-up
+    (the per-call dispatch cost, microseconds, is included: it dominates only
+    for tiny products).  ``seconds`` sums best time × count over the step.  The step's
+    matmul FLOPs over that time is what back-to-back matmuls of exactly these
+    shapes achieve on this machine, an upper bound for a step whose time is
+    all matmul: compare it with :func:`matmul_peak_gflops` (one large square
+    product).
+
+    Returns:
+      ``{"gflops_per_s", "seconds", "matmul_flops", "shapes": [...]}``, shapes
+      sorted by their share of the time.
+    """
+    log = log or (lambda _msg: None)
+    shapes = matmul_shapes(jaxpr)
+    rows, total_s, total_f = [], 0.0, 0.0
+    key = jax.random.PRNGKey(0)
+    for (lhs, rhs, dn, dtype), count in shapes.items():
+        a = jax.random.normal(key, lhs, dtype)
+        b = jax.random.normal(key, rhs, dtype)
+        fn = jax.jit(lambda x, y, dn=dn: jax.lax.dot_general(x, y, dn))
+        t0 = time.perf_counter()
+        fn(a, b).block_until_ready()
+        calls = max(1, min(1000, int(0.02 / max(time.perf_counter() - t0, 1e-6))))  # ~20 ms a round
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            outs = [fn(a, b) for _ in range(calls)]  # dispatched back to back, as a step's ops run
+            jax.block_until_ready(outs)
+            times.append((time.perf_counter() - t0) / calls)
+            del outs
+        best = min(times)
+        flops = _dot_flops((lhs, rhs, dn, dtype))
+        rows.append({"lhs": list(lhs), "rhs": list(rhs), "dimension_numbers": dn, "count": count,
+                     "gflop": flops / 1e9, "ms": 1e3 * best, "gflops_per_s": flops / best / 1e9})
+        total_s += count * best
+        total_f += count * flops
+    for r in rows:
+        r["time_share"] = r["count"] * r["ms"] / 1e3 / total_s if total_s else 0.0
+    rows.sort(key=lambda r: -r["time_share"])
+    log(f"{len(rows)} distinct matrix products, {total_f / 1e9:.3g} GFLOP in {1e3 * total_s:.4g} ms back to back")
+    return {"gflops_per_s": total_f / total_s / 1e9 if total_s else None, "seconds": total_s,
+            "matmul_flops": total_f, "shapes": rows}
+
+
 # --------------------------------------------------------------------------- hardware
 
 
@@ -496,9 +584,13 @@ def benchmark(
     matmul_peak: dict | None = None,
     many_per_dispatch: bool = True,
     recheck_peak: bool = True,
+    ceiling: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> dict:
     """Measures one configuration; returns a JSON-ready dict (see :data:`RESULT_KEYS`).
+
+    With ``ceiling``, :func:`matmul_ceiling` also times the step's matrix
+    products alone (``result["matmul_ceiling"]``).
 
     ``ms_per_step`` is the time per meta-step when ``steps_per_dispatch``
     meta-steps run per dispatch (how :func:`jaxmeta.training.train` runs);
@@ -585,6 +677,12 @@ def benchmark(
                   "matmul_gflops_per_s": flops["matmul"] / (ms * 1e-3) / 1e9},
         "matmul_peak": {**matmul_peak, "after_gflops": after["peak_gflops"] if after else None},
     }
+    if ceiling:
+        log("timing the step's matrix products alone")
+        found = matmul_ceiling(jaxpr, log=log)
+        found["fraction_of_peak"] = found["gflops_per_s"] / peak if found["gflops_per_s"] else None
+        found["step_matmul_share_of_time"] = found["seconds"] / (ms * 1e-3)
+        result["matmul_ceiling"] = found
     return result
 
 
@@ -725,6 +823,10 @@ def summary_line(result: dict) -> str:
         parts.append(f"peak {result['peak_bytes'] / 2**20:.1f} MiB")
     parts.append(f"{result['flops_per_step'] / 1e9:.3g} GFLOP")
     parts.append(f"{result['gflops_per_s']:.3g} GFLOP/s = {100 * result['fraction_of_peak']:.1f}% of matmul peak")
+    if result.get("matmul_ceiling", {}).get("gflops_per_s"):
+        c = result["matmul_ceiling"]
+        parts.append(f"its matmuls alone {c['gflops_per_s']:.3g} GFLOP/s = {100 * c['fraction_of_peak']:.1f}% of peak, "
+                     f"{1e3 * c['seconds']:.4g} ms = {100 * c['step_matmul_share_of_time']:.0f}% of the step")
     return ", ".join(parts)
 
 

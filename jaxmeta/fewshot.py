@@ -119,6 +119,7 @@ class FewShotConfig:
     reptile_epsilon: float = 1.0
     imaml_lam: float = 1.0
     imaml_cg_steps: int = 5
+    imaml_cg_damping: float = 0.0
     per_step_bn: bool = False
     meta_steps: int = 60_000
     split: str = "maml"
@@ -141,7 +142,7 @@ class FewShotConfig:
                         "data_dir", "cache_dir", "test_tasks", "val_tasks", "test_inner_steps", "chunk_size",
                         "eval_queries", "devices")
 
-    IDENTITY_LATER = ("imaml_lam", "imaml_cg_steps", "per_step_bn")
+    IDENTITY_LATER = ("imaml_lam", "imaml_cg_steps", "imaml_cg_damping", "per_step_bn")
     """Fields added after runs were first written: out of the identity at their defaults."""
 
     def identity(self) -> dict:
@@ -165,6 +166,8 @@ class FewShotConfig:
             value = getattr(self, name)
             if not (value > 0 and np.isfinite(value)):
                 raise ConfigError(f"{name.replace('_', '-')} must be a positive number, got {value}")
+        if not (self.imaml_cg_damping >= 0 and np.isfinite(self.imaml_cg_damping)):
+            raise ConfigError(f"imaml-cg-damping must be a non-negative number, got {self.imaml_cg_damping}")
         if self.eval_queries is not None and self.eval_queries <= 0:
             raise ConfigError(f"eval-queries must be positive, got {self.eval_queries}")
         if self.chunk_size is not None and self.chunk_size <= 0:
@@ -229,6 +232,7 @@ def build(config: FewShotConfig):
         reptile_epsilon=config.reptile_epsilon,
         imaml_lam=config.imaml_lam,
         imaml_cg_steps=config.imaml_cg_steps,
+        imaml_cg_damping=config.imaml_cg_damping,
         mamlpp_per_step_bn=config.per_step_bn,
         anil_fns=flax_anil_fns(model, classification_loss, head="head") if config.algo == "anil" else None,
     )

@@ -9,8 +9,15 @@ from typing import Callable, Sequence
 
 from jaxmeta import fewshot
 from jaxmeta.algorithms.registry import ALGORITHMS
+from jaxmeta.cli import (
+    ArgumentParser,
+    nonnegative_float,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+    writable_dir,
+)
 from jaxmeta.distributed import initialize as initialize_distributed
-from jaxmeta.cli import ArgumentParser, nonnegative_int, positive_float, positive_int, writable_dir
 from jaxmeta.errors import ConfigError
 from jaxmeta.models.conv4 import CONV_IMPLS
 
@@ -21,7 +28,7 @@ PresetFn = Callable[[str, int, int], dict]
 OVERRIDES = ("meta_steps", "meta_batch", "queries", "inner_steps", "inner_lr", "test_inner_steps", "outer_lr",
              "seed", "split", "data_dir", "cache_dir", "conv_impl", "chunk_size", "log_every", "val_every",
              "checkpoint_every", "max_bad_steps", "val_tasks", "test_tasks", "eval_queries", "remat", "devices",
-             "imaml_lam", "imaml_cg_steps", "per_step_bn")
+             "imaml_lam", "imaml_cg_steps", "imaml_cg_damping", "per_step_bn")
 
 
 def build_parser(dataset: str, presets: Sequence[str], data_env: str) -> ArgumentParser:
@@ -44,6 +51,8 @@ def build_parser(dataset: str, presets: Sequence[str], data_env: str) -> Argumen
     t.add_argument("--outer-lr", type=positive_float, help="outer (Adam) learning rate")
     t.add_argument("--imaml-lam", type=positive_float, help="iMAML's proximal strength lambda (default 1)")
     t.add_argument("--imaml-cg-steps", type=positive_int, help="iMAML's conjugate-gradient steps (default 5)")
+    t.add_argument("--imaml-cg-damping", type=nonnegative_float,
+                   help="iMAML: solve (I + H/(lambda + D)) g = grad instead of the exact D = 0 (default 0)")
     t.add_argument("--per-step-bn", action="store_true", default=None,
                    help="MAML++: per-step batch-norm weights and biases (BNWB)")
     t.add_argument("--seed", type=int)

@@ -26,9 +26,12 @@ def _cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
 def test_cli_sinusoid_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     proc = _cli("--task", "sinusoid", "--algo", "maml", "--inner-steps", "2", "--repeats", "10", "--warmup", "1",
-                "--steps-per-dispatch", "4", "--dispatch-repeats", "3", "--json", str(out))
+                "--steps-per-dispatch", "4", "--dispatch-repeats", "3", "--matmul-ceiling", "--json", str(out))
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
+    # The step's products alone: every matmul FLOP of the step is timed.
+    assert result["matmul_ceiling"]["matmul_flops"] == pytest.approx(result["flops"]["matmul"])
+    assert result["matmul_ceiling"]["gflops_per_s"] > 0 and "its matmuls alone" in proc.stdout
     for key in bm.RESULT_KEYS:
         assert key in result, key
     assert result["ms_per_step"] > 0
@@ -81,6 +84,7 @@ def test_cli_bad_input_is_one_line(args, message):
         (["--conv-impl", "fft"], "--conv-impl"),
         (["--compare", "maml"], "two or more"),
         (["--compare", "maml,anil", "--sweep"], "--compare runs alone"),
+        (["--sweep", "--matmul-ceiling"], "--matmul-ceiling measures one configuration"),
         (["--compare", "maml,volcano"], "--compare"),
     ],
 )
@@ -143,6 +147,25 @@ def test_count_flops_multiplies_scans():
     flops = bm.count_flops(jax.make_jaxpr(f)(a, b))
     assert flops["matmul"] == 5 * 2 * 8 * 16 * 4
     assert flops["total"] > flops["matmul"]
+
+
+def test_matmul_ceiling_finds_every_product_of_a_vmapped_scan():
+    a = jnp.ones((3, 8, 16))
+    b = jnp.ones((3, 16, 4))
+
+    def f(a, b):  # a batched product (vmap) run 5 times (scan), plus one plain product outside
+        body = lambda c, _: (c + jax.vmap(jnp.matmul)(a, b).sum(), None)
+        return jax.lax.scan(body, 0.0, None, length=5)[0] + (a[0] @ b[0]).sum()
+
+    jaxpr = jax.make_jaxpr(f)(a, b)
+    shapes = bm.matmul_shapes(jaxpr)
+    assert sorted(count for count in shapes.values()) == [1.0, 5.0]
+    assert sum(bm._dot_flops(k) * c for k, c in shapes.items()) == bm.count_flops(jaxpr)["matmul"]
+    ceiling = bm.matmul_ceiling(jaxpr, repeats=2)
+    assert ceiling["matmul_flops"] == bm.count_flops(jaxpr)["matmul"]
+    assert ceiling["gflops_per_s"] > 0 and ceiling["seconds"] > 0
+    assert sum(r["time_share"] for r in ceiling["shapes"]) == pytest.approx(1.0)
+    assert ceiling["shapes"][0]["lhs"] in ([3, 8, 16], [8, 16])
 
 
 def test_count_flops_convolution():

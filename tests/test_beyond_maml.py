@@ -489,6 +489,19 @@ def test_imaml_implicit_gradient_matches_the_closed_form():
     np.testing.assert_allclose(implicit(3 * n)[0], want, rtol=1e-6, atol=1e-9)
     assert np.abs(implicit(1)[0] - want).max() > 1e-4
 
+    # Damping δ solves (I + A/(λ + δ)) g = ∇L_query(φ*) at the same φ*; a large δ tends to the first-order gradient.
+    for delta in (3.0, 1e6):
+        damped = np.mean([np.linalg.solve(eye + a[i] / (lam + delta), b[i] @ (phi_star[i] - c_q[i]))
+                          for i in range(tasks_n)], axis=0)
+        got = jax.jit(lambda d: imaml_gradient(quadratic, theta, tasks, steps=40, lr=lr, lam=lam, cg_steps=n,
+                                               cg_damping=d))(delta)[0]
+        np.testing.assert_allclose(got, damped, rtol=1e-6, atol=1e-9)
+    assert np.abs(damped - want).max() > 1e-2
+    np.testing.assert_allclose(damped, np.mean([b[i] @ (phi_star[i] - c_q[i]) for i in range(tasks_n)], axis=0),
+                               rtol=1e-5)
+    with pytest.raises(ValueError, match="cg_damping"):
+        imaml(quadratic, inner_steps=1, inner_lr=lr, lam=lam, cg_steps=1, cg_damping=-1.0, outer=optax.sgd(0.5))
+
     learner = imaml(quadratic, inner_steps=40, inner_lr=lr, lam=lam, cg_steps=n, outer=optax.sgd(0.5))
     state, metrics = jax.jit(learner.step)(learner.init(theta), tasks)
     np.testing.assert_allclose(state.params, theta - 0.5 * want, rtol=1e-6, atol=1e-9)

@@ -151,6 +151,7 @@ def test_bad_input_is_one_clear_line(tmp_path, env, quick_run, omniglot_dir, cor
         (["train", "--inner-lr", "nan", "--out", out], env, "--inner-lr"),
         (["train", "--algo", "maml3", "--out", out], env, "--algo"),
         (["train", "--algo", "imaml", "--imaml-cg-steps", "0", "--out", out], env, "--imaml-cg-steps"),
+        (["train", "--algo", "imaml", "--imaml-cg-damping", "-1", "--out", out], env, "--imaml-cg-damping"),
         (["train", "--per-step-bn", "--out", out], env, "per-step-bn is a MAML++ switch"),
         (["train", "--out", "/etc/passwd/run"], env, "cannot create output directory"),
         (["train", "--data-dir", str(tmp_path / "nowhere"), "--cache-dir", fresh_cache, "--out", out], env,
@@ -223,6 +224,7 @@ def test_identity_of_later_fields_is_compatible_with_earlier_checkpoints():
     # A checkpoint written before iMAML's and MAML++'s switches existed stored none of them: at their
     # defaults they stay out of the identity, so such a run still resumes and evaluates.
     base = FewShotConfig().identity()
-    assert not {"imaml_lam", "imaml_cg_steps", "per_step_bn"} & set(base)
+    assert not {"imaml_lam", "imaml_cg_steps", "imaml_cg_damping", "per_step_bn"} & set(base)
+    assert FewShotConfig(algo="imaml", imaml_cg_damping=22.0).identity()["imaml_cg_damping"] == 22.0
     assert FewShotConfig(algo="imaml", imaml_lam=2.0).identity()["imaml_lam"] == 2.0
     assert FewShotConfig(algo="mamlpp", per_step_bn=True).identity()["per_step_bn"] is True

@@ -66,6 +66,7 @@ def test_resume_reevaluates_a_finished_run(quick_results, tmp_path):
         (["--meta-steps", "0"], "--meta-steps"),
         (["--inner-lr", "-0.1"], "--inner-lr"),
         (["--imaml-lam", "0"], "--imaml-lam"),
+        (["--imaml-cg-damping", "inf"], "--imaml-cg-damping"),
         (["--meta-batch", "x"], "--meta-batch"),
         (["--algos", "maml,foo"], "foo"),
         (["--eval-shots", "5,200"], "K=200"),

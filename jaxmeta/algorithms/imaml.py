@@ -12,6 +12,15 @@ the task's meta-gradient is ``g = (I + H/λ)⁻¹ ∇L_query(φ*)``.  It is comp
 by ``cg_steps`` of conjugate gradient on ``(I + H/λ) g = ∇L_query(φ*)`` with
 Hessian-vector products (forward-over-reverse, ``jax.jvp`` of ``jax.grad``),
 so memory does not grow with the number of inner steps.
+
+The implicit gradient is exact only at the minimum.  A fixed number of inner
+steps from ``θ`` stops short of it, and at such a ``φ`` the support Hessian can
+have large negative eigenvalues that make the system indefinite and the
+gradient wild.  ``cg_damping`` ``δ`` solves ``(I + H/(λ + δ)) g = ∇L_query(φ)``
+instead, a Levenberg-Marquardt damping that moves the gradient toward the
+first-order one (``δ → ∞`` gives ``∇L_query(φ)``).  The paper authors' code
+(aravindr93/imaml_dev, Omniglot) solves ``(2I + H/(λ + 10)) g = ∇L_query(φ)``:
+up to a factor ½, which Adam's update ignores, that is ``δ = λ + 20``.
 """
 
 from __future__ import annotations
@@ -111,9 +120,12 @@ def imaml_task_gradient(
     lr: float | PyTree,
     lam: float,
     cg_steps: int,
+    cg_damping: float = 0.0,
     has_aux: bool = False,
 ) -> tuple[PyTree, jax.Array, dict[str, jax.Array]]:
-    """One task's implicit meta-gradient ``(I + H/λ)⁻¹ ∇L_query(φ)`` at the proximal solution φ.
+    """One task's implicit meta-gradient ``(I + H/(λ + δ))⁻¹ ∇L_query(φ)`` at the proximal solution φ.
+
+    ``δ = cg_damping`` (0: the exact implicit gradient).
 
     Returns:
       ``(gradient, query loss at φ, metrics)`` with ``query_*_pre``/``query_*_post`` metrics.
@@ -127,7 +139,7 @@ def imaml_task_gradient(
 
     def matvec(u):
         hu = jax.jvp(support_grad, (phi,), (u,))[1]
-        return jax.tree.map(lambda ui, hi: ui + hi / lam, u, hu)
+        return jax.tree.map(lambda ui, hi: ui + hi / (lam + cg_damping), u, hu)
 
     return conjugate_gradient(matvec, v, steps=cg_steps), post, metrics
 
@@ -141,6 +153,7 @@ def imaml_gradient(
     lr: float | PyTree,
     lam: float,
     cg_steps: int,
+    cg_damping: float = 0.0,
     has_aux: bool = False,
     chunk_size: int | None = None,
 ) -> tuple[PyTree, jax.Array, dict[str, jax.Array]]:
@@ -154,6 +167,7 @@ def imaml_gradient(
       lr: inner learning rate (keep ``lr < 2 / (λ + curvature)``).
       lam: proximal regularisation λ (> 0).
       cg_steps: conjugate-gradient iterations.
+      cg_damping: ``δ ≥ 0``; the system is ``(I + H/(λ + δ)) g = ∇L_query(φ)``.
       has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
       chunk_size: tasks per chunk (``None``: all tasks in one ``vmap``).
 
@@ -163,7 +177,8 @@ def imaml_gradient(
 
     def per_task(task):
         return imaml_task_gradient(
-            loss_fn, params, task, steps=steps, lr=lr, lam=lam, cg_steps=cg_steps, has_aux=has_aux
+            loss_fn, params, task, steps=steps, lr=lr, lam=lam, cg_steps=cg_steps, cg_damping=cg_damping,
+            has_aux=has_aux,
         )
 
     grads, losses, metrics = map_tasks(per_task, tasks, chunk_size)
@@ -178,6 +193,7 @@ def imaml(
     lam: float,
     cg_steps: int,
     outer: optax.GradientTransformation,
+    cg_damping: float = 0.0,
     has_aux: bool = False,
     chunk_size: int | None = None,
 ) -> MetaLearner:
@@ -192,6 +208,8 @@ def imaml(
       cg_steps: conjugate-gradient iterations for ``(I + H/λ) g = ∇L_query(φ)``
         (the paper uses 5 to 20).
       outer: the outer optimiser.
+      cg_damping: ``δ ≥ 0`` (see the module docstring): solve
+        ``(I + H/(λ + δ)) g = ∇L_query(φ)``; 0 is the exact implicit gradient.
       has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
       chunk_size: tasks per chunk (``None``: all tasks in one ``vmap``).
 
@@ -202,10 +220,12 @@ def imaml(
       ``query_loss_pre``/``query_loss_post`` (and aux values) and ``grad_norm``.
 
     Raises:
-      ValueError: ``lam <= 0`` or a negative step count.
+      ValueError: ``lam <= 0``, ``cg_damping < 0`` or a negative step count.
     """
     if not lam > 0:
         raise ValueError(f"lam must be > 0, got {lam}")
+    if not cg_damping >= 0:
+        raise ValueError(f"cg_damping must be >= 0, got {cg_damping}")
     if inner_steps < 0 or cg_steps < 0:
         raise ValueError(f"inner_steps and cg_steps must be >= 0, got {inner_steps}, {cg_steps}")
 
@@ -221,6 +241,7 @@ def imaml(
             lr=inner_lr,
             lam=lam,
             cg_steps=cg_steps,
+            cg_damping=cg_damping,
             has_aux=has_aux,
             chunk_size=chunk_size,
         )

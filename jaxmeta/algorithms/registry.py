@@ -39,6 +39,7 @@ def make_learner(
     anil_head: str = "head",
     imaml_lam: float = 1.0,
     imaml_cg_steps: int = 5,
+    imaml_cg_damping: float = 0.0,
     mamlpp_per_step_bn: bool = False,
     inner_optimizer: optax.GradientTransformation | None = None,
 ) -> MetaLearner:
@@ -101,7 +102,7 @@ def make_learner(
                       per_step_bn=mamlpp_per_step_bn, remat=remat, has_aux=has_aux, chunk_size=chunk_size)
     if algo == "imaml":
         return imaml(loss_fn, inner_steps=inner_steps, inner_lr=inner_lr, lam=imaml_lam, cg_steps=imaml_cg_steps,
-                     outer=optax.adam(outer_lr), has_aux=has_aux, chunk_size=chunk_size)
+                     cg_damping=imaml_cg_damping, outer=optax.adam(outer_lr), has_aux=has_aux, chunk_size=chunk_size)
     raise ConfigError(f"unknown algorithm {algo!r}; choose from {', '.join(ALGORITHMS)}")
 
 
