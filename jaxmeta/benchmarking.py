@@ -394,8 +394,11 @@ def matmul_ceiling(jaxpr, *, repeats: int = 5, log: Callable[[str], None] | None
         b = jax.random.normal(key, rhs, dtype)
         fn = jax.jit(lambda x, y, dn=dn: jax.lax.dot_general(x, y, dn))
         t0 = time.perf_counter()
-        fn(a, b).block_until_ready()
-        calls = max(1, min(1000, int(0.02 / max(time.perf_counter() - t0, 1e-6))))  # ~20 ms a round
+        out = fn(a, b).block_until_ready()
+        # About 20 ms a round, holding at most 256 MiB of outputs at once.
+        calls = min(1000, int(0.02 / max(time.perf_counter() - t0, 1e-6)), (256 << 20) // max(out.nbytes, 1))
+        calls = max(1, calls)
+        del out
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
