@@ -292,10 +292,7 @@ def count_flops(jaxpr) -> dict[str, float]:
         name = eqn.primitive.name
         params = eqn.params
         if name == "dot_general":
-            (lhs_contract, _), _ = params["dimension_numbers"]
-            lhs = eqn.invars[0].aval
-            k = math.prod(lhs.shape[d] for d in lhs_contract)
-            f = 2.0 * _size(eqn.outvars[0].aval) * k
+            f = _dot_flops(_dot_key(eqn))
             total += f
             matmul += f
             continue
@@ -341,10 +338,7 @@ def matmul_shapes(jaxpr) -> dict[tuple, float]:
     for eqn in jaxpr.eqns:
         name = eqn.primitive.name
         if name == "dot_general":
-            lhs, rhs = (v.aval for v in eqn.invars[:2])
-            dn = eqn.params["dimension_numbers"]
-            dn = tuple(tuple(tuple(int(d) for d in ax) for ax in part) for part in dn)
-            key = (tuple(lhs.shape), tuple(rhs.shape), dn, str(lhs.dtype))
+            key = _dot_key(eqn)
             out[key] = out.get(key, 0.0) + 1.0
             continue
         subs = [j for v in eqn.params.values() for j in _sub_jaxprs(v)]
@@ -360,7 +354,15 @@ def matmul_shapes(jaxpr) -> dict[tuple, float]:
     return out
 
 
+def _dot_key(eqn) -> tuple:
+    """A ``dot_general`` equation as ``(lhs shape, rhs shape, dimension numbers, dtype)``."""
+    lhs, rhs = (v.aval for v in eqn.invars[:2])
+    dn = tuple(tuple(tuple(int(d) for d in ax) for ax in part) for part in eqn.params["dimension_numbers"])
+    return tuple(lhs.shape), tuple(rhs.shape), dn, str(lhs.dtype)
+
+
 def _dot_flops(key: tuple) -> float:
+    """FLOPs of a product given by :func:`_dot_key`: 2 per multiply-add."""
     lhs, rhs, ((lc, rc), (lb, rb)), _ = key
     batch = math.prod(lhs[d] for d in lb)
     k = math.prod(lhs[d] for d in lc)
@@ -393,6 +395,7 @@ def matmul_ceiling(jaxpr, *, repeats: int = 5, log: Callable[[str], None] | None
         a = jax.random.normal(key, lhs, dtype)
         b = jax.random.normal(key, rhs, dtype)
         fn = jax.jit(lambda x, y, dn=dn: jax.lax.dot_general(x, y, dn))
+        fn(a, b).block_until_ready()  # compiles
         t0 = time.perf_counter()
         out = fn(a, b).block_until_ready()
         # About 20 ms a round, holding at most 256 MiB of outputs at once.
