@@ -80,7 +80,9 @@ def restore(run_dir: str, abstract_state: Any, identity: dict, *, step: int | No
     Args:
       run_dir: the run directory.
       abstract_state: a pytree of the state's structure, shapes and dtypes
-        (e.g. from ``jax.eval_shape``).
+        (e.g. from ``jax.eval_shape``). Leaves without a sharding are placed
+        on this process's first device, whatever devices wrote the
+        checkpoint: a run trained on a GPU restores on a CPU.
       identity: the current run's model and task configuration; a checkpoint
         written with a different one is refused.
       step: which checkpoint (default: the newest).
@@ -99,7 +101,8 @@ def restore(run_dir: str, abstract_state: Any, identity: dict, *, step: int | No
     mngr = manager(run_dir, create=False)
     step = mngr.latest_step() if step is None else step
     try:
-        out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+        target = _placed(abstract_state)
+        out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(
             f"cannot restore checkpoint {step} in {run_dir} (corrupt or incomplete): {_short(e)}"
@@ -108,6 +111,22 @@ def restore(run_dir: str, abstract_state: Any, identity: dict, *, step: int | No
     # Orbax may hand back a different pytree node type for NamedTuples; rebuild ours.
     state = jax.tree.unflatten(jax.tree.structure(abstract_state), jax.tree.leaves(state))
     return step, state
+
+
+def _placed(abstract_state: Any) -> Any:
+    """``abstract_state`` with every unplaced array leaf on the first local device.
+
+    Without a target sharding Orbax reuses the one stored in the checkpoint,
+    which names the devices that wrote it (``cuda:0``) and fails elsewhere.
+    """
+    device = jax.local_devices()[0]
+
+    def place(leaf):
+        if isinstance(leaf, jax.ShapeDtypeStruct) and leaf.sharding is None:
+            return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=jax.sharding.SingleDeviceSharding(device))
+        return leaf
+
+    return jax.tree.map(place, abstract_state)
 
 
 def _short(e: Exception) -> str:

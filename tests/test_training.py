@@ -116,3 +116,18 @@ def test_init_train_state_is_pure():
     b = init_train_state(learner(), PARAMS, jax.random.PRNGKey(3))
     np.testing.assert_array_equal(flat(a.meta.params), flat(b.meta.params))
     assert int(a.step) == 0 and int(a.skipped) == 0
+
+
+def test_a_checkpoint_written_on_another_device_resumes_here(tmp_path):
+    # A run trained on a GPU stores its arrays' shardings as {"device_str": "cuda:0"}; restored on
+    # a machine without that device (this CPU) it must land on a local device, not fail.
+    straight = run(tmp_path / "straight", 20)
+    out = tmp_path / "gpu"
+    run(out, 10)
+    shardings = out / "checkpoints" / "10" / "state" / "_sharding"
+    stored = json.loads(shardings.read_text())
+    assert stored and all("device_str" in json.loads(v) for v in stored.values())
+    shardings.write_text(json.dumps({
+        k: json.dumps({**json.loads(v), "device_str": "cuda:0"}) for k, v in stored.items()}))
+    resumed = run(out, 20, resume=True)
+    np.testing.assert_allclose(flat(resumed.state.meta.params), flat(straight.state.meta.params), rtol=0, atol=1e-6)
