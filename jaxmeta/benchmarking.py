@@ -276,6 +276,55 @@ def _sub_jaxprs(value):
             yield from _sub_jaxprs(v)
 
 
+_MATMULS = ("dot_general", "conv_general_dilated")
+
+
+def _walk(jaxpr) -> tuple[list[tuple[Any, float]], int]:
+    """The leaf equations of a (closed) jaxpr with how often each runs, and the count of ``while`` loops.
+
+    Nested jaxprs are followed: a ``scan`` body runs ``length`` times, a
+    ``cond`` counts only its most expensive branch (by :func:`_eqn_flops`), a
+    ``while`` loop (trip count unknown) counts its body once.
+    """
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    leaves: list[tuple[Any, float]] = []
+    unknown = 0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        subs = [] if name in _MATMULS else [j for v in eqn.params.values() for j in _sub_jaxprs(v)]
+        if not subs:
+            leaves.append((eqn, 1.0))
+            continue
+        walked = [_walk(j) for j in subs]
+        if name == "cond":
+            walked = [max(walked, key=lambda w: sum(_eqn_flops(e)[0] * t for e, t in w[0]))]
+        times = float(eqn.params.get("length", 1)) if name == "scan" else 1.0
+        unknown += name == "while"
+        for inner, loops in walked:
+            leaves.extend((e, times * t) for e, t in inner)
+            unknown += loops
+    return leaves, unknown
+
+
+def _eqn_flops(eqn) -> tuple[float, float]:
+    """``(total, matmul)`` FLOPs of one leaf equation (see :func:`count_flops`)."""
+    name = eqn.primitive.name
+    if name == "dot_general":
+        f = _dot_flops(_dot_key(eqn))
+        return f, f
+    if name == "conv_general_dilated":
+        rhs = eqn.invars[1].aval
+        rhs_spec = eqn.params["dimension_numbers"].rhs_spec  # (out feature, in feature, spatial...)
+        k = rhs.shape[rhs_spec[1]] * math.prod(rhs.shape[d] for d in rhs_spec[2:])
+        f = 2.0 * _size(eqn.outvars[0].aval) * k
+        return f, f
+    if name in _ELEMENTWISE:
+        return float(_size(eqn.outvars[0].aval)), 0.0
+    if name in _REDUCTIONS:
+        return float(_size(eqn.invars[0].aval)), 0.0
+    return 0.0, 0.0
+
+
 def count_flops(jaxpr) -> dict[str, float]:
     """FLOPs of a (closed) jaxpr: ``{"total", "matmul", "unknown_loops"}``.
 
@@ -285,72 +334,27 @@ def count_flops(jaxpr) -> dict[str, float]:
     times; a ``cond`` counts its most expensive branch; a ``while`` loop (trip
     count unknown) counts its body once and is tallied in ``unknown_loops``.
     """
-    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    leaves, unknown = _walk(jaxpr)
     total = matmul = 0.0
-    unknown = 0
-    for eqn in jaxpr.eqns:
-        name = eqn.primitive.name
-        params = eqn.params
-        if name == "dot_general":
-            f = _dot_flops(_dot_key(eqn))
-            total += f
-            matmul += f
-            continue
-        if name == "conv_general_dilated":
-            rhs = eqn.invars[1].aval
-            dn = params["dimension_numbers"]
-            rhs_spec = dn.rhs_spec  # (out feature, in feature, spatial...)
-            k = rhs.shape[rhs_spec[1]] * math.prod(rhs.shape[d] for d in rhs_spec[2:])
-            f = 2.0 * _size(eqn.outvars[0].aval) * k
-            total += f
-            matmul += f
-            continue
-        subs = [j for v in params.values() for j in _sub_jaxprs(v)]
-        if subs:
-            counts = [count_flops(j) for j in subs]
-            if name == "cond":
-                best = max(counts, key=lambda c: c["total"])
-                counts = [best]
-            times = float(params.get("length", 1)) if name == "scan" else 1.0
-            if name == "while":
-                unknown += 1
-            for c in counts:
-                total += times * c["total"]
-                matmul += times * c["matmul"]
-                unknown += c["unknown_loops"]
-            continue
-        if name in _ELEMENTWISE:
-            total += float(_size(eqn.outvars[0].aval))
-        elif name in _REDUCTIONS:
-            total += float(_size(eqn.invars[0].aval))
+    for eqn, times in leaves:
+        t, m = _eqn_flops(eqn)
+        total += times * t
+        matmul += times * m
     return {"total": total, "matmul": matmul, "unknown_loops": unknown}
 
 
 def matmul_shapes(jaxpr) -> dict[tuple, float]:
     """The step's matrix products: ``{(lhs shape, rhs shape, dimension numbers, dtype): count}``.
 
-    Every ``dot_general`` of the (closed) jaxpr, with nested jaxprs followed
-    as :func:`count_flops` does: a ``scan`` body counts ``length`` times, a
-    ``cond`` its most expensive branch.  Convolutions are not included.
+    Every ``dot_general`` of the (closed) jaxpr, counted as :func:`count_flops`
+    counts it (the same walk: a ``scan`` body ``length`` times, a ``cond``'s
+    most expensive branch).  Convolutions are not included.
     """
-    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
     out: dict[tuple, float] = {}
-    for eqn in jaxpr.eqns:
-        name = eqn.primitive.name
-        if name == "dot_general":
+    for eqn, times in _walk(jaxpr)[0]:
+        if eqn.primitive.name == "dot_general":
             key = _dot_key(eqn)
-            out[key] = out.get(key, 0.0) + 1.0
-            continue
-        subs = [j for v in eqn.params.values() for j in _sub_jaxprs(v)]
-        if not subs:
-            continue
-        found = [matmul_shapes(j) for j in subs]
-        if name == "cond":
-            found = [max(found, key=lambda f: sum(_dot_flops(k) * c for k, c in f.items()))]
-        times = float(eqn.params.get("length", 1)) if name == "scan" else 1.0
-        for f in found:
-            for key, count in f.items():
-                out[key] = out.get(key, 0.0) + times * count
+            out[key] = out.get(key, 0.0) + times
     return out
 
 
