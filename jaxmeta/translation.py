@@ -226,7 +226,8 @@ def build(config: TranslationConfig):
 
 def learner(config: TranslationConfig, loss_fn):
     """The meta-learner of ``config.algo`` (MAML variants and Reptile adapt with Adam)."""
-    inner = optax.adam(config.inner_lr, eps_root=1e-8 if config.algo == "maml" else 0.0)
+    inner = None if config.algo == "pretrain" else optax.adam(config.inner_lr,
+                                                              eps_root=1e-8 if config.algo == "maml" else 0.0)
     return make_learner(config.algo, loss_fn, inner_steps=config.inner_steps, inner_lr=config.inner_lr,
                         outer_lr=config.outer_lr, meta_steps=max(config.meta_steps, 1), has_aux=True,
                         reptile_epsilon=config.reptile_epsilon, inner_optimizer=inner)

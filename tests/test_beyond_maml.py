@@ -35,7 +35,8 @@ from jaxmeta.algorithms.mamlpp import (
     rates_for_steps,
 )
 from jaxmeta.algorithms.meta_sgd import meta_sgd, meta_sgd_objective, meta_sgd_params
-from jaxmeta.algorithms.registry import adapt_learner, adaptation, evaluate_learner
+from jaxmeta.algorithms.registry import adapt_learner, adaptation, evaluate_learner, make_learner
+from jaxmeta.errors import ConfigError
 from jaxmeta.models import BatchNorm, Conv4, classification_loss
 
 
@@ -501,6 +502,23 @@ def test_imaml_implicit_gradient_matches_the_closed_form():
                                rtol=1e-5)
     with pytest.raises(ValueError, match="cg_damping"):
         imaml(quadratic, inner_steps=1, inner_lr=lr, lam=lam, cg_steps=1, cg_damping=-1.0, outer=optax.sgd(0.5))
+
+    # The inner problem may be solved by any optax solver: one that reaches φ* (heavy-ball momentum) gives
+    # the same implicit gradient; one that stops short (SGD at 0.01 for 40 steps) gives another.
+    def solved_by(opt, steps):
+        return jax.jit(lambda: imaml_gradient(quadratic, theta, tasks, steps=steps, lr=lr, lam=lam, cg_steps=n,
+                                              inner_optimizer=opt))()[0]
+
+    np.testing.assert_allclose(solved_by(optax.sgd(lr, momentum=0.5), 200), want, rtol=1e-6, atol=1e-9)
+    short = solved_by(optax.sgd(0.01), 40)
+    assert np.abs(short - want).max() > 1e-2
+    registered = make_learner("imaml", quadratic, inner_steps=40, inner_lr=lr, outer_lr=0.1, imaml_lam=lam,
+                              imaml_cg_steps=n, inner_optimizer=optax.sgd(0.01))
+    _, reported = jax.jit(registered.step)(registered.init(theta), tasks)
+    np.testing.assert_allclose(reported["grad_norm"], np.linalg.norm(short), rtol=1e-6)
+    for algo in ("meta_sgd", "anil", "mamlpp", "pretrain"):  # their inner loops are not plain SGD to replace
+        with pytest.raises(ConfigError, match="inner optimizer applies to maml, fomaml, reptile, imaml"):
+            make_learner(algo, quadratic, inner_steps=1, inner_lr=lr, outer_lr=0.1, inner_optimizer=optax.sgd(0.01))
 
     learner = imaml(quadratic, inner_steps=40, inner_lr=lr, lam=lam, cg_steps=n, outer=optax.sgd(0.5))
     state, metrics = jax.jit(learner.step)(learner.init(theta), tasks)

@@ -90,6 +90,7 @@ def proximal_adapt(
     lr: float | PyTree,
     lam: float,
     has_aux: bool = False,
+    optimizer: optax.GradientTransformation | None = None,
 ) -> Params:
     """``steps`` SGD steps on ``loss(φ) + (λ/2)||φ − θ||²`` from ``φ = θ``, without gradient.
 
@@ -101,13 +102,16 @@ def proximal_adapt(
       lr: inner learning rate (scalar or pytree like ``params``).
       lam: the proximal regularisation strength λ.
       has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+      optimizer: an optax solver for the proximal problem instead of SGD at
+        ``lr`` (e.g. Adam, whose bounded steps do not blow up where the
+        support loss is sharp).
 
     Returns:
       The adapted parameters ``φ``, with the gradient stopped.
     """
     theta = jax.lax.stop_gradient(params)
     adapted = inner_adapt(loss_fn, theta, batch, steps=steps, lr=lr, first_order=True, has_aux=has_aux,
-                          proximal=lam)
+                          proximal=lam, optimizer=optimizer)
     return jax.lax.stop_gradient(adapted)
 
 
@@ -122,6 +126,7 @@ def imaml_task_gradient(
     cg_steps: int,
     cg_damping: float = 0.0,
     has_aux: bool = False,
+    inner_optimizer: optax.GradientTransformation | None = None,
 ) -> tuple[PyTree, jax.Array, dict[str, jax.Array]]:
     """One task's implicit meta-gradient ``(I + H/(λ + δ))⁻¹ ∇L_query(φ)`` at the proximal solution φ.
 
@@ -131,7 +136,8 @@ def imaml_task_gradient(
       ``(gradient, query loss at φ, metrics)`` with ``query_*_pre``/``query_*_post`` metrics.
     """
     theta = jax.lax.stop_gradient(params)
-    phi = proximal_adapt(loss_fn, theta, task.support, steps=steps, lr=lr, lam=lam, has_aux=has_aux)
+    phi = proximal_adapt(loss_fn, theta, task.support, steps=steps, lr=lr, lam=lam, has_aux=has_aux,
+                         optimizer=inner_optimizer)
     (post, metrics), v = jax.value_and_grad(
         lambda p: query_before_after(loss_fn, theta, p, task.query, has_aux=has_aux), has_aux=True
     )(phi)
@@ -156,6 +162,7 @@ def imaml_gradient(
     cg_damping: float = 0.0,
     has_aux: bool = False,
     chunk_size: int | None = None,
+    inner_optimizer: optax.GradientTransformation | None = None,
 ) -> tuple[PyTree, jax.Array, dict[str, jax.Array]]:
     """The iMAML meta-gradient of a batch of tasks (mean over tasks).
 
@@ -170,6 +177,7 @@ def imaml_gradient(
       cg_damping: ``δ ≥ 0``; the system is ``(I + H/(λ + δ)) g = ∇L_query(φ)``.
       has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
       chunk_size: tasks per chunk (``None``: all tasks in one ``vmap``).
+      inner_optimizer: an optax solver for the inner problem instead of SGD.
 
     Returns:
       ``(gradient like params, mean query loss after adaptation, mean metrics)``.
@@ -178,7 +186,7 @@ def imaml_gradient(
     def per_task(task):
         return imaml_task_gradient(
             loss_fn, params, task, steps=steps, lr=lr, lam=lam, cg_steps=cg_steps, cg_damping=cg_damping,
-            has_aux=has_aux,
+            has_aux=has_aux, inner_optimizer=inner_optimizer,
         )
 
     grads, losses, metrics = map_tasks(per_task, tasks, chunk_size)
@@ -196,6 +204,7 @@ def imaml(
     cg_damping: float = 0.0,
     has_aux: bool = False,
     chunk_size: int | None = None,
+    inner_optimizer: optax.GradientTransformation | None = None,
 ) -> MetaLearner:
     """iMAML: meta-gradients from the implicit function theorem, not backprop through the inner loop.
 
@@ -212,6 +221,8 @@ def imaml(
         ``(I + H/(λ + δ)) g = ∇L_query(φ)``; 0 is the exact implicit gradient.
       has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
       chunk_size: tasks per chunk (``None``: all tasks in one ``vmap``).
+      inner_optimizer: an optax solver for the inner problem instead of SGD at
+        ``inner_lr`` (the implicit gradient does not depend on how φ was found).
 
     Returns:
       A :class:`MetaLearner`; ``step`` metrics: ``loss`` (mean query loss at
@@ -244,6 +255,7 @@ def imaml(
             cg_damping=cg_damping,
             has_aux=has_aux,
             chunk_size=chunk_size,
+            inner_optimizer=inner_optimizer,
         )
         metrics = {"loss": loss, **metrics, "grad_norm": optax.tree.norm(grads)}
         return apply_outer(outer, state, grads), metrics

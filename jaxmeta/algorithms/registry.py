@@ -21,6 +21,8 @@ from jaxmeta.types import Batch, Params, PyTree, Task
 
 BASE_ALGORITHMS = ("maml", "fomaml", "reptile", "pretrain")
 ALGORITHMS = BASE_ALGORITHMS + ("meta_sgd", "anil", "mamlpp", "imaml")
+INNER_OPTIMIZER_ALGORITHMS = ("maml", "fomaml", "reptile", "imaml")
+"""The algorithms whose inner SGD ``make_learner(inner_optimizer=...)`` can replace."""
 
 
 def make_learner(
@@ -55,11 +57,15 @@ def make_learner(
     ``meta_steps``, learned per-layer per-step inner rates, first order for the
     first third, cosine annealing of the outer rate; ``mamlpp_per_step_bn`` adds
     per-step batch-norm weights and biases (BNWB).  ``inner_optimizer``
-    (e.g. Adam) replaces inner SGD for MAML, first-order MAML and Reptile.
+    (e.g. Adam) replaces inner SGD for MAML, first-order MAML, Reptile and iMAML.
 
     Raises:
-      ConfigError: an unknown algorithm name.
+      ConfigError: an unknown algorithm name, or an ``inner_optimizer`` for an
+        algorithm whose inner loop is SGD by definition (Meta-SGD, ANIL,
+        MAML++: learned or head-only SGD rates) or that has none (pre-training).
     """
+    if inner_optimizer is not None and algo not in INNER_OPTIMIZER_ALGORITHMS:
+        raise ConfigError(f"an inner optimizer applies to {', '.join(INNER_OPTIMIZER_ALGORITHMS)}, not {algo}")
     if algo in ("maml", "fomaml"):
         return maml(
             loss_fn,
@@ -102,7 +108,8 @@ def make_learner(
                       per_step_bn=mamlpp_per_step_bn, remat=remat, has_aux=has_aux, chunk_size=chunk_size)
     if algo == "imaml":
         return imaml(loss_fn, inner_steps=inner_steps, inner_lr=inner_lr, lam=imaml_lam, cg_steps=imaml_cg_steps,
-                     cg_damping=imaml_cg_damping, outer=optax.adam(outer_lr), has_aux=has_aux, chunk_size=chunk_size)
+                     cg_damping=imaml_cg_damping, outer=optax.adam(outer_lr), has_aux=has_aux, chunk_size=chunk_size,
+                     inner_optimizer=inner_optimizer)
     raise ConfigError(f"unknown algorithm {algo!r}; choose from {', '.join(ALGORITHMS)}")
 
 
