@@ -127,7 +127,7 @@ def main(argv: Sequence[str] | None = None):
             algo = algo[0]
         config = _config(args, algo)
         summary = tr.meta_train(config, writable_dir(args.out), resume=args.resume, progress=progress)
-        print(f"{summary['method']}: best validation loss {summary['best_val_loss']:.4f} at step "
+        print(f"{summary['method']}: best {summary['selected_by']} {summary['best_val_loss']:.4f} at step "
               f"{summary['best_step']} ({summary['train_seconds']:.0f} s); run in {args.out}")
         return summary
     if args.command == "all":

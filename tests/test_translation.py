@@ -132,6 +132,21 @@ def test_quick_metanmt_translates_a_held_out_language_better_than_copying(quick_
     assert "Tatoeba test chrF" in stdout and "MetaNMT (FOMAML)" in stdout
 
 
+def test_each_method_picks_its_checkpoint_by_its_own_validation_objective(quick_runs):
+    import json
+
+    out, _ = quick_runs
+    for algo, metric in (("fomaml", "val/loss"), ("pretrain", "val/loss_before"), ("scratch", "val/loss_before")):
+        assert tr.selection_metric(algo) == metric
+        with open(os.path.join(out, algo, tr.SUMMARY_FILE)) as f:
+            summary = json.load(f)
+        rows = summary["validation"]
+        assert summary["selected_by"] == metric and len(rows) == (1 if algo == "scratch" else 2)
+        assert summary["best_step"] == min(rows, key=lambda r: r[metric])["step"]
+        assert summary["best_val_loss"] == min(r[metric] for r in rows)
+    assert tr.selection_metric("reptile") == tr.selection_metric("maml") == "val/loss"
+
+
 def test_finetune_keeps_a_model_that_translate_uses(quick_runs, capsys):
     out, _ = quick_runs
     run = str(out / "fomaml")
