@@ -10,7 +10,8 @@
     python -m experiments.translation translate --run runs/translation/fomaml --lang ron "Bună dimineața!"
 
 Presets: ``quick`` (minutes, CI), ``cpu`` (about two hours on a 2-core CPU), ``gpu`` (the ``cpu``
-preset with ten times the meta-steps: about 5.5 minutes of meta-training on one H200).
+preset with ten times the meta-steps, about 5.5 minutes of meta-training on one H200, and fine-tuning
+for up to 2,000 steps instead of 300).
 
 Data: ``--data-dir`` or ``JAXMETA_TRANSLATION_DIR`` (default ``../shared/data/translation``).
 """
