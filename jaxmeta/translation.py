@@ -18,6 +18,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Sequence
 
@@ -363,6 +364,23 @@ def selection_metric(algo: str) -> str:
     return "val/loss_before" if algo in ("pretrain", "scratch") else "val/loss"
 
 
+def _note_old_selection(run_dir: str, algo: str, summary: dict) -> None:
+    """Says so when a run's checkpoint was chosen before :func:`selection_metric` existed and by another metric.
+
+    Such a run (no ``selected_by`` in its summary) keeps the checkpoint it
+    recorded; the note names the one the current rule would choose.
+    """
+    metric = selection_metric(algo)
+    rows = summary.get("validation") or []
+    if "selected_by" in summary or metric == "val/loss" or not rows:
+        return
+    best = min(rows, key=lambda row: row[metric])
+    if int(best["step"]) != int(summary["best_step"]):
+        print(f"note: {run_dir} uses its recorded checkpoint {summary['best_step']}, chosen by val/loss before "
+              f"per-method selection; by {metric} it would be step {best['step']} ({best[metric]:.4f})",
+              file=sys.stderr)
+
+
 def _read_summary(run_dir: str) -> dict | None:
     path = os.path.join(run_dir, SUMMARY_FILE)
     if not os.path.isfile(path):
@@ -385,6 +403,7 @@ def load_initialisation(run_dir: str):
     summary = _read_summary(run_dir)
     if summary is None:
         raise CheckpointError(f"{run_dir} has no {SUMMARY_FILE}: its training did not finish (resume it)")
+    _note_old_selection(run_dir, config.algo, summary)
     model, loss_fn = build(config)
     params = init_params(model, jax.random.PRNGKey(0))
     algo = "pretrain" if config.algo == "scratch" else config.algo

@@ -147,6 +147,20 @@ def test_each_method_picks_its_checkpoint_by_its_own_validation_objective(quick_
     assert tr.selection_metric("reptile") == tr.selection_metric("maml") == "val/loss"
 
 
+def test_a_run_selected_by_the_old_rule_keeps_its_checkpoint_and_says_which_the_new_rule_picks(capsys):
+    rows = [{"step": 5000, "val/loss": 1.611, "val/loss_before": 1.165},
+            {"step": 16000, "val/loss": 1.738, "val/loss_before": 1.122}]
+    tr._note_old_selection("R/pretrain", "pretrain", {"best_step": 5000, "validation": rows})
+    assert capsys.readouterr().err.strip() == (
+        "note: R/pretrain uses its recorded checkpoint 5000, chosen by val/loss before per-method selection; "
+        "by val/loss_before it would be step 16000 (1.1220)")
+    # Silent for runs written with the rule, for meta-learners (unchanged rule) and where both rules agree.
+    tr._note_old_selection("R", "pretrain", {"best_step": 5000, "validation": rows, "selected_by": "val/loss"})
+    tr._note_old_selection("R", "fomaml", {"best_step": 5000, "validation": rows})
+    tr._note_old_selection("R", "pretrain", {"best_step": 16000, "validation": rows})
+    assert capsys.readouterr().err == ""
+
+
 def test_finetune_keeps_a_model_that_translate_uses(quick_runs, capsys):
     out, _ = quick_runs
     run = str(out / "fomaml")
