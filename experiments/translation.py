@@ -91,7 +91,8 @@ def parser() -> ArgumentParser:
     _config_args(sub.add_parser("pretrain", help="MultiNMT: pre-train on the union of languages"), algo=False)
     _config_args(sub.add_parser("all", help="meta-train, pre-train, scratch, then the fine-tuning grid"), algo=True)
     e = sub.add_parser("evaluate", help="fine-tune every run on each held-out language, size and seed; score")
-    e.add_argument("--runs", required=True, type=_codes)
+    e.add_argument("--runs", required=True, type=_codes,
+                   help="comma-separated run directories, each at its chosen checkpoint or as RUN@STEP")
     e.add_argument("--out", required=True)
     e.add_argument("--langs", type=_codes)
     e.add_argument("--sizes", type=_sizes)
@@ -112,8 +113,9 @@ def parser() -> ArgumentParser:
 
 
 def _check_run(path: str) -> str:
-    if not os.path.isfile(os.path.join(path, tr.CONFIG_FILE)):
-        raise ConfigError(f"{path} is not a translation run (no {tr.CONFIG_FILE})")
+    run_dir, _ = tr.split_run(path)
+    if not os.path.isfile(os.path.join(run_dir, tr.CONFIG_FILE)):
+        raise ConfigError(f"{run_dir} is not a translation run (no {tr.CONFIG_FILE})")
     return path
 
 

@@ -397,19 +397,41 @@ def _check_task_sizes(config: TranslationConfig, counts, codes) -> None:
                             f"a task needs support + query = {need}")
 
 
-def load_initialisation(run_dir: str):
-    """``(config, params)``: the run's chosen (best-validation) parameters."""
+def split_run(run: str) -> tuple[str, int | None]:
+    """``"RUN"`` or ``"RUN@STEP"`` (a run directory and, optionally, one of its checkpoints) as ``(dir, step)``."""
+    head, sep, tail = run.rpartition("@")
+    if sep and tail.isdigit() and head:
+        return head, int(tail)
+    return run, None
+
+
+def run_key(run: str) -> str:
+    """How a grid names an initialisation: the absolute run directory, with ``@STEP`` if one was given."""
+    run_dir, step = split_run(run)
+    return os.path.abspath(run_dir) + ("" if step is None else f"@{step}")
+
+
+def load_initialisation(run: str):
+    """``(config, params)``: the run's chosen (best-validation) parameters, or those of ``RUN@STEP``."""
+    run_dir, step = split_run(run)
     config = read_config(run_dir)
     summary = _read_summary(run_dir)
     if summary is None:
         raise CheckpointError(f"{run_dir} has no {SUMMARY_FILE}: its training did not finish (resume it)")
-    _note_old_selection(run_dir, config.algo, summary)
+    if step is None:
+        _note_old_selection(run_dir, config.algo, summary)
+        step = summary["best_step"]
+    else:
+        steps = sorted(ckpt.manager(run_dir, create=False).all_steps())
+        if step not in steps:
+            raise CheckpointError(f"{run_dir} has no checkpoint at step {step} "
+                                  f"(it has {', '.join(map(str, steps)) or 'none'})")
     model, loss_fn = build(config)
     params = init_params(model, jax.random.PRNGKey(0))
     algo = "pretrain" if config.algo == "scratch" else config.algo
     abstract = jax.eval_shape(lambda: init_train_state(learner(dataclasses.replace(config, algo=algo), loss_fn),
                                                        params, jax.random.PRNGKey(0)))
-    _, state = ckpt.restore(run_dir, abstract, config.identity(), step=summary["best_step"])
+    _, state = ckpt.restore(run_dir, abstract, config.identity(), step=step)
     return config, state.meta.params
 
 
@@ -612,7 +634,7 @@ def evaluate_grid(run_dirs: Sequence[str], out_dir: str, *, langs: Sequence[str]
     results_path = os.path.join(out_dir, RESULTS_FILE)
     rows = read_jsonl(results_path) if os.path.isfile(results_path) else []
     done = {(r["lang"], r["size"], r["seed"], r["run"]) for r in rows}
-    todo = [cell for cell in cells if (cell[0], cell[1], cell[2], os.path.abspath(cell[3])) not in done]
+    todo = [cell for cell in cells if (cell[0], cell[1], cell[2], run_key(cell[3])) not in done]
     capacity = max([config.finetune_val_pairs] +
                    [len(training_subset(config, corpus, code, None, 0)) for code in config.target_langs])
     tuner = Finetuner(config, capacity)
@@ -622,7 +644,7 @@ def evaluate_grid(run_dirs: Sequence[str], out_dir: str, *, langs: Sequence[str]
         with open(rates_path) as f:
             rates = json.load(f)
     for run_dir in run_dirs:
-        key = os.path.abspath(run_dir)
+        key = run_key(run_dir)
         if key not in rates:
             lr, losses = tuner.choose_lr(inits[run_dir][1], corpus)
             rates[key] = {"lr": lr, "val_dev_loss": {str(k): v for k, v in losses.items()}}
@@ -636,10 +658,10 @@ def evaluate_grid(run_dirs: Sequence[str], out_dir: str, *, langs: Sequence[str]
             pairs = training_subset(config, corpus, code, parse_size(size), seed)
             dev = dev_subset(config, corpus, code)
             run_config, init = inits[run_dir]
-            params, info = tuner.finetune(init, pairs, dev, seed, rates[os.path.abspath(run_dir)]["lr"])
+            params, info = tuner.finetune(init, pairs, dev, seed, rates[run_key(run_dir)]["lr"])
             test = corpus.splits[code].test
             hyps = tuner.translate(params, [p[0] for p in test], max_len=config.eval_len)
-            row = {"lang": code, "size": size, "pairs": len(pairs), "seed": seed, "run": os.path.abspath(run_dir),
+            row = {"lang": code, "size": size, "pairs": len(pairs), "seed": seed, "run": run_key(run_dir),
                    "method": METHOD_NAMES[run_config.algo], "algo": run_config.algo,
                    **{f"tatoeba_{k}": v for k, v in scores(hyps, [p[1] for p in test]).items()},
                    **{f"copy_{k}": v for k, v in floors[code].items()}, **info}
@@ -657,7 +679,7 @@ def evaluate_grid(run_dirs: Sequence[str], out_dir: str, *, langs: Sequence[str]
             bar.set_postfix({"lang": code, "size": size, "chrF": f"{row['tatoeba_chrf']:.1f}"}, refresh=False)
     finally:
         bar.close()
-    wanted = {(c[0], c[1], c[2], os.path.abspath(c[3])) for c in cells}
+    wanted = {(c[0], c[1], c[2], run_key(c[3])) for c in cells}
     rows = [r for r in rows if (r["lang"], r["size"], r["seed"], r["run"]) in wanted]
     write_report(rows, out_dir)
     return rows
@@ -803,6 +825,12 @@ def plot_scores(rows: Sequence[dict], path: str, metric: str = "tatoeba_chrf") -
 # --------------------------------------------------------------------------------------
 
 
+def _whole_run(run: str) -> None:
+    if split_run(run)[1] is not None:
+        raise ConfigError(f"{run}: RUN@STEP picks a checkpoint for evaluate; finetune and translate take a run "
+                          "directory (its chosen checkpoint)")
+
+
 def finetuned_dir(run_dir: str, lang: str, size: str, seed: int) -> str:
     return os.path.join(run_dir, "finetuned", f"{lang}-{size}-s{seed}")
 
@@ -813,6 +841,7 @@ def finetune_one(run_dir: str, lang: str, size: str, *, seed: int = 0) -> dict:
     The fine-tuned parameters go to ``RUN/finetuned/<lang>-<size>-s<seed>/``
     (an Orbax checkpoint), where ``translate`` finds them.
     """
+    _whole_run(run_dir)
     config, init = load_initialisation(run_dir)
     config = dataclasses.replace(config, target_langs=(lang,))
     config = config.resolved()
@@ -847,6 +876,7 @@ def translate(run_dir: str, lang: str, texts: Sequence[str]) -> list[str]:
     Uses the run's largest fine-tuning on ``lang`` (seed 0 first) when there
     is one, else the initialisation itself (zero-shot).
     """
+    _whole_run(run_dir)
     config, params = load_initialisation(run_dir)
     tdata.check_languages(config.data_dir or tdata.default_data_dir(), [lang])
     folder = os.path.join(run_dir, "finetuned")

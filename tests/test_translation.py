@@ -146,6 +146,18 @@ def test_each_method_picks_its_checkpoint_by_its_own_validation_objective(quick_
         assert summary["best_val_loss"] == min(r[metric] for r in rows)
     assert tr.selection_metric("reptile") == tr.selection_metric("maml") == "val/loss"
 
+    # RUN@STEP (evaluate --runs) loads that checkpoint instead of the chosen one; grids key it apart.
+    run = str(out / "fomaml")
+    with open(os.path.join(run, tr.SUMMARY_FILE)) as f:
+        chosen = json.load(f)["best_step"]
+    flat = {step: np.concatenate([np.ravel(x) for x in jax.tree.leaves(tr.load_initialisation(f"{run}@{step}")[1])])
+            for step in (200, 400)}
+    default = np.concatenate([np.ravel(x) for x in jax.tree.leaves(tr.load_initialisation(run)[1])])
+    np.testing.assert_array_equal(default, flat[chosen])
+    assert not np.array_equal(flat[200], flat[400])
+    assert tr.run_key(f"{run}@200") == os.path.abspath(run) + "@200" and tr.run_key(run) == os.path.abspath(run)
+    assert tr.split_run("a@b/run") == ("a@b/run", None)
+
 
 def test_a_run_selected_by_the_old_rule_keeps_its_checkpoint_and_says_which_the_new_rule_picks(capsys):
     rows = [{"step": 5000, "val/loss": 1.611, "val/loss_before": 1.165},
@@ -184,6 +196,8 @@ def test_finetune_keeps_a_model_that_translate_uses(quick_runs, capsys):
     (["meta-train", "--preset", "quick", "--out", "{tmp}/m", "--meta-langs", "fra,zz1"], "unknown language code"),
     (["meta-train", "--preset", "quick", "--out", "{tmp}/m", "--meta-langs", "fra,ron"], "both meta-trained"),
     (["all", "--preset", "quick", "--out", "{tmp}/a", "--sizes", "0,999999"], "cannot fine-tune on 999999"),
+    (["evaluate", "--runs", "{run}@7", "--out", "{tmp}/g"], "has no checkpoint at step 7 (it has 200, 400)"),
+    (["finetune", "--run", "{run}@200", "--lang", "ron", "--size", "10"], "RUN@STEP picks a checkpoint for evaluate"),
 ])
 def test_bad_input_is_one_line(quick_runs, tmp_path, capsys, argv, fragment):
     out, _ = quick_runs
