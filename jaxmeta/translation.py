@@ -359,7 +359,10 @@ def selection_metric(algo: str) -> str:
     adapted loss at the meta-learners' inner rate judges a pre-trained model by
     a rate it is never fine-tuned with (on the H200 run those steps raised its
     loss from 1.17 to 1.61), and would pick its checkpoint by robustness to
-    that rate rather than by quality.
+    that rate rather than by quality.  Neither predicts fine-tuning well: two
+    MultiNMT checkpoints with equal unadapted loss fine-tuned to 1.056 and
+    1.003 on the validation languages (README, "Against another MultiNMT
+    checkpoint"); ``evaluate --runs RUN@STEP`` compares stated checkpoints.
     """
     return "val/loss_before" if algo in ("pretrain", "scratch") else "val/loss"
 
