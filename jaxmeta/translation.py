@@ -337,7 +337,7 @@ def meta_train(config: TranslationConfig, run_dir: str, *, resume: bool = False,
         history, seconds = result.history, result.seconds
     validated = [row for row in history if "val/loss" in row]
     metric = selection_metric(config.algo)
-    best = min(validated, key=lambda row: row[metric]) if validated else {"step": meta_steps}  # first of ties
+    best = best_validation(validated, config.algo) if validated else {"step": meta_steps}
     summary = {"algo": config.algo, "method": METHOD_NAMES[config.algo], "best_step": int(best["step"]),
                "selected_by": metric, "best_val_loss": best.get(metric), "meta_steps": meta_steps,
                "train_seconds": seconds,
@@ -367,6 +367,12 @@ def selection_metric(algo: str) -> str:
     return "val/loss_before" if algo in ("pretrain", "scratch") else "val/loss"
 
 
+def best_validation(rows: Sequence[dict], algo: str) -> dict:
+    """The validation row whose checkpoint ``algo`` is chosen by (the first of ties)."""
+    metric = selection_metric(algo)
+    return min(rows, key=lambda row: row[metric])
+
+
 def _note_old_selection(run_dir: str, algo: str, summary: dict) -> None:
     """Says so when a run's checkpoint was chosen before :func:`selection_metric` existed and by another metric.
 
@@ -377,7 +383,7 @@ def _note_old_selection(run_dir: str, algo: str, summary: dict) -> None:
     rows = summary.get("validation") or []
     if "selected_by" in summary or metric == "val/loss" or not rows:
         return
-    best = min(rows, key=lambda row: row[metric])
+    best = best_validation(rows, algo)
     if int(best["step"]) != int(summary["best_step"]):
         print(f"note: {run_dir} uses its recorded checkpoint {summary['best_step']}, chosen by val/loss before "
               f"per-method selection; by {metric} it would be step {best['step']} ({best[metric]:.4f})",
