@@ -4,14 +4,15 @@
     python -m experiments.translation meta-train --algo fomaml --preset cpu --out runs/translation/fomaml
     python -m experiments.translation pretrain --preset cpu --out runs/translation/pretrain
     python -m experiments.translation evaluate --runs runs/translation/fomaml,runs/translation/pretrain \\
-        --out runs/translation/grid [--langs ron,lav] [--sizes 0,100,400] [--seeds 0,1,2]
+        --out runs/translation/grid [--langs ron,lav] [--sizes 0,100,400] [--seeds 0,1,2] \\
+        [--checkpoint-selection finetuned [--selection-candidates 6]]
     python -m experiments.translation finetune --run runs/translation/fomaml --lang ron --size 400
     python -m experiments.translation report --grid runs/translation/grid
     python -m experiments.translation translate --run runs/translation/fomaml --lang ron "Bună dimineața!"
 
 Presets: ``quick`` (minutes, CI), ``cpu`` (about two hours on a 2-core CPU), ``gpu`` (the ``cpu``
 preset with ten times the meta-steps, about 5.5 minutes of meta-training on one H200, and fine-tuning
-for up to 2,000 steps instead of 300).
+for up to 2,000 steps instead of 300, and each run's checkpoint chosen by the fine-tuned validation loss).
 
 Data: ``--data-dir`` or ``JAXMETA_TRANSLATION_DIR`` (default ``../shared/data/translation``).
 """
@@ -69,15 +70,27 @@ def _config_args(p: ArgumentParser, *, algo: bool) -> None:
     p.add_argument("--seeds", type=lambda t: tuple(nonnegative_int(s) for s in _codes(t)))
     p.add_argument("--resume", action="store_true")
     p.add_argument("--no-progress", action="store_true")
+    _selection_args(p)
     for name, kind in OVERRIDES.items():
         p.add_argument("--" + name.replace("_", "-"), type=kind)
+
+
+def _selection_args(p: ArgumentParser) -> None:
+    p.add_argument("--checkpoint-selection", choices=tr.CHECKPOINT_SELECTIONS,
+                   help="which checkpoint of each run the grid evaluates: 'validation', the one the run "
+                        "recorded by its own objective, or 'finetuned', checkpoint and rate chosen together "
+                        "by the validation languages' loss after fine-tuning (default: the preset's)")
+    p.add_argument("--selection-candidates", type=nonnegative_int,
+                   help="with --checkpoint-selection finetuned: evenly spaced checkpoints tried per run, "
+                        "plus the recorded one (0: all kept)")
 
 
 def _config(args, algo: str) -> tr.TranslationConfig:
     overrides = {k: getattr(args, k) for k in OVERRIDES if getattr(args, k) is not None}
     for field, arg in (("meta_langs", "meta_langs"), ("target_langs", "langs"), ("sizes", "sizes"),
-                       ("seeds", "seeds"), ("data_dir", "data_dir")):
-        if getattr(args, arg):
+                       ("seeds", "seeds"), ("data_dir", "data_dir"), ("checkpoint_selection", "checkpoint_selection"),
+                       ("selection_candidates", "selection_candidates")):
+        if getattr(args, arg) is not None and getattr(args, arg) != ():
             overrides[field] = getattr(args, arg)
     config = tr.preset(args.preset, algo=algo, **overrides)
     config.validate()
@@ -98,6 +111,7 @@ def parser() -> ArgumentParser:
     e.add_argument("--sizes", type=_sizes)
     e.add_argument("--seeds", type=lambda t: tuple(nonnegative_int(s) for s in _codes(t)))
     e.add_argument("--no-progress", action="store_true")
+    _selection_args(e)
     f = sub.add_parser("finetune", help="fine-tune one run on one language and keep the model")
     f.add_argument("--run", required=True)
     f.add_argument("--lang", required=True)
@@ -147,12 +161,14 @@ def main(argv: Sequence[str] | None = None):
                 tr.meta_train(config, run_dir, resume=os.path.isdir(run_dir), progress=progress)
             runs.append(run_dir)
         rows = tr.evaluate_grid(runs, os.path.join(args.out, "grid"), langs=base.target_langs, sizes=base.sizes,
-                                seeds=base.seeds, progress=progress)
+                                seeds=base.seeds, selection=base.checkpoint_selection,
+                                candidates=base.selection_candidates, progress=progress)
         print(tr.results_table(rows))
         return rows
     if args.command == "evaluate":
         runs = [_check_run(r) for r in args.runs]
         rows = tr.evaluate_grid(runs, writable_dir(args.out), langs=args.langs, sizes=args.sizes, seeds=args.seeds,
+                                selection=args.checkpoint_selection, candidates=args.selection_candidates,
                                 progress=not args.no_progress)
         print(tr.results_table(rows))
         return rows

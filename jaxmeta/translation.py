@@ -50,6 +50,8 @@ METHOD_NAMES = {"fomaml": "MetaNMT (FOMAML)", "reptile": "MetaNMT (Reptile)", "m
 CONFIG_FILE = "config.json"
 SUMMARY_FILE = "summary.json"
 RESULTS_FILE = "results.jsonl"
+SELECTION_FILE = "selection.json"
+CHECKPOINT_SELECTIONS = ("validation", "finetuned")
 ALL = "all"
 # Fields every initialisation in one comparison must share (model, tokenised lengths, splits).
 SHARED_FIELDS = ("d_model", "heads", "encoder_layers", "decoder_layers", "d_ff", "max_len", "val_langs",
@@ -83,6 +85,13 @@ class TranslationConfig:
     is chosen per initialisation from ``finetune_lrs`` on the validation
     languages (``finetune_val_pairs`` pairs each), never on a target language:
     a pre-trained model and a meta-learned one need not like the same rate.
+
+    Checkpoint: ``checkpoint_selection="validation"`` evaluates the checkpoint
+    each run recorded (its own validation objective, :func:`selection_metric`);
+    ``"finetuned"`` chooses checkpoint and rate together by the same
+    fine-tuned validation loss, over ``selection_candidates`` evenly spaced
+    kept checkpoints (0: all), the same rule for every method
+    (:func:`select_by_finetuning`).
     """
 
     algo: str = "fomaml"
@@ -123,12 +132,14 @@ class TranslationConfig:
     flores_len: int = 256
     sizes: tuple[str, ...] = ("0", "100", "400", "1600", ALL)
     seeds: tuple[int, ...] = (0, 1, 2)
+    checkpoint_selection: str = "validation"
+    selection_candidates: int = 0
     data_dir: str | None = None
 
     IDENTITY_EXCLUDE = ("meta_steps", "log_every", "val_every", "val_tasks", "val_steps", "data_dir",
                         "target_langs", "sizes", "seeds", "flores_sentences", "flores_len", "eval_len",
                         "finetune_lr", "finetune_lrs", "finetune_val_pairs", "finetune_batch", "finetune_steps",
-                        "finetune_eval_every", "finetune_patience")
+                        "finetune_eval_every", "finetune_patience", "checkpoint_selection", "selection_candidates")
 
     @property
     def model_config(self) -> TransformerConfig:
@@ -160,8 +171,11 @@ class TranslationConfig:
                      "eval_len", "flores_len"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.meta_steps < 0 or self.flores_sentences < 0 or self.val_steps < 0:
-            raise ConfigError("meta-steps, flores-sentences and val-steps must be >= 0")
+        if self.meta_steps < 0 or self.flores_sentences < 0 or self.val_steps < 0 or self.selection_candidates < 0:
+            raise ConfigError("meta-steps, flores-sentences, val-steps and selection-candidates must be >= 0")
+        if self.checkpoint_selection not in CHECKPOINT_SELECTIONS:
+            raise ConfigError(f"unknown checkpoint selection {self.checkpoint_selection!r}; "
+                              f"choose from {', '.join(CHECKPOINT_SELECTIONS)}")
         for name in ("inner_lr", "outer_lr", "reptile_epsilon", "finetune_lr"):
             value = getattr(self, name)
             if not (value > 0 and math.isfinite(value)):
@@ -205,9 +219,11 @@ PRESETS = {
     # The cpu preset with ten times the meta-steps (about 5.5 minutes of meta-training on one H200),
     # and fine-tuning to convergence: capped at 300 steps on the H200 run, 44 of the 48 1,600-pair and
     # full-data fine-tunings and 7 of MultiNMT's 15 400-pair ones were best at the last step, still
-    # improving; early stopping (patience) ends the others as before.
+    # improving; early stopping (patience) ends the others as before.  Checkpoints are chosen by the
+    # fine-tuned validation loss (6 candidates a run): two H200 MultiNMT checkpoints with equal
+    # validation losses fine-tuned to 1.056 and 1.003 on the validation languages.
     "gpu": dict(meta_steps=15_000, outer_lr=2e-3, finetune_steps=2_000, finetune_eval_every=25,
-                val_every=1_000, log_every=250),
+                val_every=1_000, log_every=250, checkpoint_selection="finetuned", selection_candidates=6),
 }
 
 
@@ -362,7 +378,9 @@ def selection_metric(algo: str) -> str:
     that rate rather than by quality.  Neither predicts fine-tuning well: two
     MultiNMT checkpoints with equal unadapted loss fine-tuned to 1.056 and
     1.003 on the validation languages (README, "Against another MultiNMT
-    checkpoint"); ``evaluate --runs RUN@STEP`` compares stated checkpoints.
+    checkpoint"); ``evaluate --runs RUN@STEP`` compares stated checkpoints,
+    and ``evaluate --checkpoint-selection finetuned`` chooses every method's
+    by the fine-tuned validation loss (:func:`select_by_finetuning`).
     """
     return "val/loss_before" if algo in ("pretrain", "scratch") else "val/loss"
 
@@ -420,15 +438,26 @@ def run_key(run: str) -> str:
     return os.path.abspath(run_dir) + ("" if step is None else f"@{step}")
 
 
-def load_initialisation(run: str):
-    """``(config, params)``: the run's chosen (best-validation) parameters, or those of ``RUN@STEP``."""
+def checkpoint_of(run: str) -> int:
+    """The step whose parameters ``RUN`` (its recorded checkpoint) or ``RUN@STEP`` stands for."""
+    run_dir, step = split_run(run)
+    return int(step if step is not None else (_read_summary(run_dir) or {})["best_step"])
+
+
+def load_initialisation(run: str, *, note: bool = True):
+    """``(config, params)``: the run's chosen (best-validation) parameters, or those of ``RUN@STEP``.
+
+    ``note``: say so on stderr when the recorded checkpoint was chosen by an
+    older rule (:func:`_note_old_selection`).
+    """
     run_dir, step = split_run(run)
     config = read_config(run_dir)
     summary = _read_summary(run_dir)
     if summary is None:
         raise CheckpointError(f"{run_dir} has no {SUMMARY_FILE}: its training did not finish (resume it)")
     if step is None:
-        _note_old_selection(run_dir, config.algo, summary)
+        if note:
+            _note_old_selection(run_dir, config.algo, summary)
         step = summary["best_step"]
     else:
         steps = sorted(ckpt.manager(run_dir, create=False).all_steps())
@@ -604,46 +633,101 @@ def check_sizes(config: TranslationConfig) -> None:
     feasible_sizes(config, load_corpus(config, config.target_langs), quiet=True)
 
 
+def candidate_steps(steps: Sequence[int], candidates: int, recorded: int | None = None) -> list[int]:
+    """``candidates`` evenly spaced of a run's checkpoint ``steps``, back from the last (0: all), plus ``recorded``.
+
+    Of 30 checkpoints every 1,000 steps, 6 candidates are steps 5,000, 10,000, ..., 30,000.
+    """
+    steps = sorted(steps)
+    n = len(steps)
+    if candidates and n > candidates:
+        steps = sorted({steps[n - 1 - round(k * n / candidates)] for k in range(candidates)})
+    if recorded is not None and recorded not in steps:
+        steps = sorted([*steps, recorded])
+    return steps
+
+
+def select_by_finetuning(run_dir: str, tuner: Finetuner, corpus: tdata.Corpus, out_dir: str, *,
+                         progress: bool = True) -> tuple[int, float, dict]:
+    """Chooses a run's checkpoint and fine-tuning rate together by the fine-tuned validation loss.
+
+    Every candidate checkpoint (:func:`candidate_steps`: ``selection_candidates``
+    of the kept ones, and the one the run recorded) is fine-tuned on each
+    validation language at each of ``finetune_lrs``, exactly as
+    :meth:`Finetuner.choose_lr` does for one checkpoint; the (checkpoint, rate)
+    with the lowest mean development loss wins.  This judges every method by
+    what the grid then does with it, instead of by its own training objective
+    (:func:`selection_metric`), which cannot tell apart checkpoints that
+    fine-tune differently.  Costs ``candidates × rates × validation
+    languages`` fine-tunings; each checkpoint's losses go to
+    ``OUT/selection.json`` as soon as they are measured, so an interrupted
+    selection resumes.
+
+    Returns:
+      ``(step, lr, losses)``: the chosen checkpoint, its rate, and the chosen
+      checkpoint's mean validation loss for every rate.
+    """
+    from tqdm.auto import tqdm
+
+    config = tuner.config
+    summary = _read_summary(run_dir) or {}
+    steps = candidate_steps(ckpt.manager(run_dir, create=False).all_steps(), config.selection_candidates,
+                            summary.get("best_step"))
+    path = os.path.join(out_dir, SELECTION_FILE)
+    record = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            record = json.load(f)
+    measured = record.setdefault(os.path.abspath(run_dir), {})
+    lrs = [str(lr) for lr in config.finetune_lrs]
+    todo = [s for s in steps if not all(lr in measured.get(str(s), {}) for lr in lrs)]
+    for step in tqdm(todo, desc=f"select checkpoint ({os.path.basename(os.path.abspath(run_dir))})",
+                     disable=not progress or not todo, dynamic_ncols=True):
+        _, params = load_initialisation(f"{run_dir}@{step}")
+        _, losses = tuner.choose_lr(params, corpus)
+        measured[str(step)] = {**measured.get(str(step), {}), **{str(k): v for k, v in losses.items()}}
+        write_json(path, record)
+    _, step, lr = min((measured[str(s)][lr], s, float(lr)) for s in steps for lr in lrs)
+    return step, lr, {k: measured[str(step)][str(k)] for k in config.finetune_lrs}
+
+
 def evaluate_grid(run_dirs: Sequence[str], out_dir: str, *, langs: Sequence[str] | None = None,
                   sizes: Sequence[str] | None = None, seeds: Sequence[int] | None = None,
-                  progress: bool = True) -> list[dict]:
+                  selection: str | None = None, candidates: int | None = None, progress: bool = True) -> list[dict]:
     """Fine-tunes every run's initialisation on every (language, size, seed) and scores it.
 
-    Results go to ``OUT/results.jsonl`` one row per cell as soon as it is done;
-    cells already there are skipped, so an interrupted grid resumes.  Then
-    ``OUT/results.md`` (table) and ``OUT/scores.png`` (the seed's figure).
+    Each run is evaluated at the checkpoint it recorded, or at ``RUN@STEP``;
+    with ``selection="finetuned"`` (default: the first run's
+    ``checkpoint_selection``) a plain ``RUN`` is evaluated at the checkpoint
+    :func:`select_by_finetuning` chooses, keyed ``RUN@STEP`` where that is not
+    the recorded one.  Results go to ``OUT/results.jsonl`` one row per cell as
+    soon as it is done; cells already there are skipped, so an interrupted
+    grid resumes.  Then ``OUT/results.md`` (table) and ``OUT/scores.png`` (the
+    seed's figure).
     """
     from tqdm.auto import tqdm
 
     if not run_dirs:
         raise ConfigError("give at least one run to evaluate")
+    selection = selection or read_config(split_run(run_dirs[0])[0]).checkpoint_selection
     inits = {}
-    for run_dir in run_dirs:
-        config, params = load_initialisation(run_dir)
-        inits[run_dir] = (config, params)
+    for run_dir in run_dirs:  # the recorded checkpoints: also checks that every run finished
+        recorded = selection != "finetuned" or split_run(run_dir)[1] is not None
+        inits[run_dir] = load_initialisation(run_dir, note=recorded)
     shared = {json.dumps({k: getattr(c, k) for k in SHARED_FIELDS}) for c, _ in inits.values()}
     if len(shared) > 1:
         raise ConfigError(f"the runs differ in one of {', '.join(SHARED_FIELDS)}; evaluate them separately")
     config = next(iter(inits.values()))[0]
     config = dataclasses.replace(config, target_langs=tuple(langs) if langs else config.target_langs,
                                  sizes=tuple(sizes) if sizes else config.sizes,
-                                 seeds=tuple(seeds) if seeds is not None else config.seeds)
+                                 seeds=tuple(seeds) if seeds is not None else config.seeds,
+                                 checkpoint_selection=selection,
+                                 selection_candidates=(config.selection_candidates if candidates is None
+                                                       else candidates))
     config.validate()
     config = config.resolved()
     corpus = held_out_corpus(config)
-    cells = []
-    sizes = feasible_sizes(config, corpus)
-    for code in config.target_langs:
-        for size in sizes[code]:
-            n = parse_size(size)
-            for seed in (config.seeds[:1] if n == 0 else config.seeds):
-                for run_dir in run_dirs:
-                    cells.append((code, size, seed, run_dir))
     os.makedirs(out_dir, exist_ok=True)
-    results_path = os.path.join(out_dir, RESULTS_FILE)
-    rows = read_jsonl(results_path) if os.path.isfile(results_path) else []
-    done = {(r["lang"], r["size"], r["seed"], r["run"]) for r in rows}
-    todo = [cell for cell in cells if (cell[0], cell[1], cell[2], run_key(cell[3])) not in done]
     capacity = max([config.finetune_val_pairs] +
                    [len(training_subset(config, corpus, code, None, 0)) for code in config.target_langs])
     tuner = Finetuner(config, capacity)
@@ -652,6 +736,36 @@ def evaluate_grid(run_dirs: Sequence[str], out_dir: str, *, langs: Sequence[str]
     if os.path.isfile(rates_path):
         with open(rates_path) as f:
             rates = json.load(f)
+    chosen = []
+    for run_dir in run_dirs:
+        run = run_dir
+        if config.checkpoint_selection == "finetuned" and split_run(run_dir)[1] is None:
+            step, lr, losses = select_by_finetuning(run_dir, tuner, corpus, out_dir, progress=progress)
+            if step != _read_summary(run_dir)["best_step"]:
+                run = f"{run_dir}@{step}"
+                inits[run] = load_initialisation(run)
+            else:
+                inits[run] = inits[run_dir]
+            if run_key(run) not in rates:  # the choice above measured this checkpoint at every rate
+                rates[run_key(run)] = {"lr": lr, "val_dev_loss": {str(k): v for k, v in losses.items()}}
+            rates[run_key(run)]["selected_by"] = "finetuned"
+            write_json(rates_path, rates)
+            print(f"{run_dir}: checkpoint {step} and fine-tuning rate {lr:g} chosen by the fine-tuned validation "
+                  f"loss ({losses[lr]:.4f})", file=sys.stderr)
+        chosen.append(run)
+    run_dirs = chosen
+    cells = []
+    sizes = feasible_sizes(config, corpus)
+    for code in config.target_langs:
+        for size in sizes[code]:
+            n = parse_size(size)
+            for seed in (config.seeds[:1] if n == 0 else config.seeds):
+                for run_dir in run_dirs:
+                    cells.append((code, size, seed, run_dir))
+    results_path = os.path.join(out_dir, RESULTS_FILE)
+    rows = read_jsonl(results_path) if os.path.isfile(results_path) else []
+    done = {(r["lang"], r["size"], r["seed"], r["run"]) for r in rows}
+    todo = [cell for cell in cells if (cell[0], cell[1], cell[2], run_key(cell[3])) not in done]
     for run_dir in run_dirs:
         key = run_key(run_dir)
         if key not in rates:
@@ -671,7 +785,8 @@ def evaluate_grid(run_dirs: Sequence[str], out_dir: str, *, langs: Sequence[str]
             test = corpus.splits[code].test
             hyps = tuner.translate(params, [p[0] for p in test], max_len=config.eval_len)
             row = {"lang": code, "size": size, "pairs": len(pairs), "seed": seed, "run": run_key(run_dir),
-                   "method": METHOD_NAMES[run_config.algo], "algo": run_config.algo,
+                   "checkpoint": checkpoint_of(run_dir), "method": METHOD_NAMES[run_config.algo],
+                   "algo": run_config.algo,
                    **{f"tatoeba_{k}": v for k, v in scores(hyps, [p[1] for p in test]).items()},
                    **{f"copy_{k}": v for k, v in floors[code].items()}, **info}
             flores = corpus.flores(code)
@@ -697,10 +812,33 @@ def evaluate_grid(run_dirs: Sequence[str], out_dir: str, *, langs: Sequence[str]
 def write_report(rows: Sequence[dict], out_dir: str) -> str:
     """``OUT/results.md`` (the table), ``OUT/scores.png`` (chrF) and ``OUT/dev_loss.png``; returns the table."""
     table = results_table(rows)
-    atomic_write_text(os.path.join(out_dir, "results.md"), table)
+    atomic_write_text(os.path.join(out_dir, "results.md"), table + selection_table(out_dir))
     plot_scores(rows, os.path.join(out_dir, "scores.png"))
     plot_scores(rows, os.path.join(out_dir, "dev_loss.png"), metric="dev_loss")
     return table
+
+
+def selection_table(out_dir: str) -> str:
+    """Markdown: each run's candidate checkpoints by fine-tuned validation loss and rate (``selection.json``)."""
+    path = os.path.join(out_dir, SELECTION_FILE)
+    if not os.path.isfile(path):
+        return ""
+    with open(path) as f:
+        record = json.load(f)
+    title = ("### Checkpoint selection: mean development loss of the validation languages after fine-tuning, "
+             "per checkpoint and rate (* = chosen)")
+    lines = ["", title, ""]
+    for run, measured in record.items():
+        lrs = sorted({lr for losses in measured.values() for lr in losses}, key=float, reverse=True)
+        best = min((v, step, lr) for step, losses in measured.items() for lr, v in losses.items())
+        lines += [f"{run}:", "", "| checkpoint | " + " | ".join(f"lr {lr}" for lr in lrs) + " |",
+                  "|---|" + "---|" * len(lrs)]
+        for step in sorted(measured, key=int):
+            cells = [f"{measured[step][lr]:.4f}" + (" *" if (step, lr) == best[1:] else "") if lr in measured[step]
+                     else "–" for lr in lrs]
+            lines.append(f"| {step} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def report(grid_dir: str) -> str:

@@ -104,13 +104,17 @@ def _main(argv, capsys):
 
 @pytest.fixture(scope="module")
 def quick_runs(translation_dir, tmp_path_factory):
-    """``all --preset quick``: FOMAML, MultiNMT and scratch, fine-tuned on Romanian."""
+    """``all --preset quick``: FOMAML, MultiNMT and scratch, fine-tuned on Romanian and Korean.
+
+    Each run's checkpoint and rate are chosen by the fine-tuned validation loss.
+    """
     out = tmp_path_factory.mktemp("translation") / "quick"
     proc = subprocess.run([sys.executable, "-m", "experiments.translation", "all", "--preset", "quick",
-                           "--out", str(out), "--no-progress"], cwd=REPO_ROOT, capture_output=True, text=True, check=False,
+                           "--out", str(out), "--checkpoint-selection", "finetuned", "--no-progress"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, check=False,
                           timeout=1200, env={**os.environ, tdata.DATA_DIR_ENV: str(translation_dir)})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, proc.stdout
+    return out, proc.stdout + proc.stderr
 
 
 def test_quick_metanmt_translates_a_held_out_language_better_than_copying(quick_runs):
@@ -159,6 +163,77 @@ def test_each_method_picks_its_checkpoint_by_its_own_validation_objective(quick_
     assert tr.split_run("a@b/run") == ("a@b/run", None)
 
 
+def test_finetuned_selection_picks_checkpoint_and_rate_by_the_validation_languages_loss_and_resumes(
+        quick_runs, tmp_path, monkeypatch):
+    import json
+
+    from jaxmeta.io import read_jsonl
+
+    out, output = quick_runs
+    grid = out / "grid"
+    with open(grid / tr.SELECTION_FILE) as f:
+        record = json.load(f)
+    with open(grid / "finetune_lrs.json") as f:
+        rates = json.load(f)
+    rows = read_jsonl(grid / tr.RESULTS_FILE)
+    chosen = {}
+    for algo, steps in (("fomaml", ["200", "400"]), ("pretrain", ["200", "400"]), ("scratch", ["0"])):
+        run = str(out / algo)
+        measured = record[os.path.abspath(run)]
+        assert sorted(measured, key=int) == steps and all(set(v) == {"0.001", "0.0001"} for v in measured.values())
+        loss, step, lr = min((v, int(s), float(lr)) for s, losses in measured.items() for lr, v in losses.items())
+        with open(os.path.join(run, tr.SUMMARY_FILE)) as f:
+            recorded = json.load(f)["best_step"]
+        key = tr.run_key(run if step == recorded else f"{run}@{step}")
+        assert rates[key]["lr"] == lr and rates[key]["selected_by"] == "finetuned"
+        assert {(r["run"], r["checkpoint"], r["finetune_lr"]) for r in rows if r["algo"] == algo and r["size"] != "0"} \
+            == {(key, step, lr)}
+        assert f"{run}: checkpoint {step} and fine-tuning rate {lr:g} chosen" in output
+        chosen[algo] = (step, lr, loss)
+    assert "Checkpoint selection" in (grid / "results.md").read_text()
+
+    # The recorded number is the validation languages' mean development loss after fine-tuning
+    # that checkpoint at that rate: measure one (MultiNMT's step 200, the other rate) directly.
+    config, params = tr.load_initialisation(f"{out / 'pretrain'}@200")
+    config = config.resolved()
+    corpus = tr.held_out_corpus(config)
+    capacity = max([config.finetune_val_pairs] +
+                   [len(tr.training_subset(config, corpus, c, None, 0)) for c in config.target_langs])
+    tuner = tr.Finetuner(config, capacity)
+    direct = np.mean([tuner.finetune(params, tr.training_subset(config, corpus, c, config.finetune_val_pairs, 0),
+                                     tr.dev_subset(config, corpus, c), 0, 1e-4)[1]["dev_loss"]
+                      for c in config.val_langs])
+    np.testing.assert_allclose(direct, record[os.path.abspath(out / "pretrain")]["200"]["0.0001"], rtol=1e-5)
+
+    # An interrupted selection resumes: only the checkpoint with no losses yet is fine-tuned again,
+    # to the same numbers, and the choice is the same.
+    again = tmp_path / "grid"
+    again.mkdir()
+    partial = json.loads(json.dumps(record))
+    del partial[os.path.abspath(out / "fomaml")]["200"]
+    (again / tr.SELECTION_FILE).write_text(json.dumps(partial))
+    measured = []
+    real = tr.Finetuner.choose_lr
+    monkeypatch.setattr(tr.Finetuner, "choose_lr", lambda self, *a: measured.append(1) or real(self, *a))
+    step, lr, _ = tr.select_by_finetuning(str(out / "fomaml"), tuner, corpus, str(again), progress=False)
+    assert len(measured) == 1 and (step, lr) == chosen["fomaml"][:2]
+    with open(again / tr.SELECTION_FILE) as f:
+        resumed = json.load(f)
+    for lr, value in record[os.path.abspath(out / "fomaml")]["200"].items():
+        np.testing.assert_allclose(resumed[os.path.abspath(out / "fomaml")]["200"][lr], value, rtol=1e-6)
+
+
+def test_candidate_checkpoints_are_evenly_spaced_back_from_the_last_and_keep_the_recorded_one():
+    steps = range(1_000, 30_001, 1_000)
+    assert tr.candidate_steps(steps, 6, 16_000) == [5_000, 10_000, 15_000, 16_000, 20_000, 25_000, 30_000]
+    assert tr.candidate_steps(steps, 6, 30_000) == [5_000, 10_000, 15_000, 20_000, 25_000, 30_000]
+    assert tr.candidate_steps(range(250, 3_001, 250), 4) == [750, 1_500, 2_250, 3_000]
+    assert tr.candidate_steps(steps, 0) == list(steps)
+    assert tr.candidate_steps([250, 500], 6, 500) == [250, 500]
+    with pytest.raises(tr.ConfigError, match="unknown checkpoint selection 'best'"):
+        tr.TranslationConfig(checkpoint_selection="best").validate()
+
+
 def test_a_run_selected_by_the_old_rule_keeps_its_checkpoint_and_says_which_the_new_rule_picks(capsys):
     rows = [{"step": 5000, "val/loss": 1.611, "val/loss_before": 1.165},
             {"step": 16000, "val/loss": 1.738, "val/loss_before": 1.122}]
@@ -198,6 +273,8 @@ def test_finetune_keeps_a_model_that_translate_uses(quick_runs, capsys):
     (["all", "--preset", "quick", "--out", "{tmp}/a", "--sizes", "0,999999"], "cannot fine-tune on 999999"),
     (["evaluate", "--runs", "{run}@7", "--out", "{tmp}/g"], "has no checkpoint at step 7 (it has 200, 400)"),
     (["finetune", "--run", "{run}@200", "--lang", "ron", "--size", "10"], "RUN@STEP picks a checkpoint for evaluate"),
+    (["evaluate", "--runs", "{run}", "--out", "{tmp}/g", "--checkpoint-selection", "best"], "invalid choice: 'best'"),
+    (["evaluate", "--runs", "{run}", "--out", "{tmp}/g", "--selection-candidates", "-1"], "selection-candidates"),
 ])
 def test_bad_input_is_one_line(quick_runs, tmp_path, capsys, argv, fragment):
     out, _ = quick_runs
