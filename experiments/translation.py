@@ -6,7 +6,7 @@
     python -m experiments.translation evaluate --runs runs/translation/fomaml,runs/translation/pretrain \\
         --out runs/translation/grid [--langs ron,lav] [--sizes 0,100,400] [--seeds 0,1,2] \\
         [--checkpoint-selection finetuned [--selection-candidates 6]]
-    python -m experiments.translation finetune --run runs/translation/fomaml --lang ron --size 400
+    python -m experiments.translation finetune --run runs/translation/fomaml --lang ron --size 400 [--lr 1e-4]
     python -m experiments.translation report --grid runs/translation/grid
     python -m experiments.translation translate --run runs/translation/fomaml --lang ron "Bună dimineața!"
 
@@ -117,6 +117,7 @@ def parser() -> ArgumentParser:
     f.add_argument("--lang", required=True)
     f.add_argument("--size", required=True, type=_size)
     f.add_argument("--seed", type=nonnegative_int, default=0)
+    f.add_argument("--lr", type=positive_float, help="fine-tuning rate (default: chosen on the validation languages)")
     r = sub.add_parser("report", help="table and figure of a grid's finished cells (no training)")
     r.add_argument("--grid", required=True)
     t = sub.add_parser("translate", help="translate sentences to English")
@@ -173,7 +174,7 @@ def main(argv: Sequence[str] | None = None):
         print(tr.results_table(rows))
         return rows
     if args.command == "finetune":
-        result = tr.finetune_one(_check_run(args.run), args.lang, args.size, seed=args.seed)
+        result = tr.finetune_one(_check_run(args.run), args.lang, args.size, seed=args.seed, lr=args.lr)
         print(f"{args.lang} {args.size} pairs (seed {args.seed}): chrF {result['tatoeba_chrf']:.1f}, "
               f"BLEU {result['tatoeba_bleu']:.1f} (copying the source: chrF {result['copy_chrf']:.1f}); "
               f"{result['steps']} steps")

@@ -750,8 +750,9 @@ def evaluate_grid(run_dirs: Sequence[str], out_dir: str, *, langs: Sequence[str]
                 rates[run_key(run)] = {"lr": lr, "val_dev_loss": {str(k): v for k, v in losses.items()}}
             rates[run_key(run)]["selected_by"] = "finetuned"
             write_json(rates_path, rates)
-            print(f"{run_dir}: checkpoint {step} and fine-tuning rate {lr:g} chosen by the fine-tuned validation "
-                  f"loss ({losses[lr]:.4f})", file=sys.stderr)
+            used = rates[run_key(run)]["lr"]  # measured before for this checkpoint: the same choice
+            print(f"{run_dir}: checkpoint {step} and fine-tuning rate {used:g} chosen by the fine-tuned validation "
+                  f"loss ({losses.get(used, min(losses.values())):.4f})", file=sys.stderr)
         chosen.append(run)
     run_dirs = chosen
     cells = []
@@ -982,8 +983,11 @@ def finetuned_dir(run_dir: str, lang: str, size: str, seed: int) -> str:
     return os.path.join(run_dir, "finetuned", f"{lang}-{size}-s{seed}")
 
 
-def finetune_one(run_dir: str, lang: str, size: str, *, seed: int = 0) -> dict:
+def finetune_one(run_dir: str, lang: str, size: str, *, seed: int = 0, lr: float | None = None) -> dict:
     """Fine-tunes the run's initialisation on ``size`` pairs of ``lang``, keeps it, scores it.
+
+    The rate is ``lr``, or (default) the one the validation languages choose
+    (:meth:`Finetuner.choose_lr`), as in the grid.
 
     The fine-tuned parameters go to ``RUN/finetuned/<lang>-<size>-s<seed>/``
     (an Orbax checkpoint), where ``translate`` finds them.
@@ -997,7 +1001,8 @@ def finetune_one(run_dir: str, lang: str, size: str, *, seed: int = 0) -> dict:
     pairs = training_subset(config, corpus, lang, n, seed)
     dev = dev_subset(config, corpus, lang)
     tuner = Finetuner(config, max(len(pairs), config.finetune_val_pairs))
-    lr, _ = tuner.choose_lr(init, corpus)
+    if lr is None:
+        lr, _ = tuner.choose_lr(init, corpus)
     params, info = tuner.finetune(init, pairs, dev, seed, lr)
     test = corpus.splits[lang].test
     hyps = tuner.translate(params, [p[0] for p in test], max_len=config.eval_len)

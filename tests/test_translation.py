@@ -249,11 +249,15 @@ def test_a_run_selected_by_the_old_rule_keeps_its_checkpoint_and_says_which_the_
 
 
 def test_finetune_keeps_a_model_that_translate_uses(quick_runs, capsys):
+    import json
+
     out, _ = quick_runs
     run = str(out / "fomaml")
-    code, err, stdout = _main(["finetune", "--run", run, "--lang", "ron", "--size", "100"], capsys)
+    code, err, stdout = _main(["finetune", "--run", run, "--lang", "ron", "--size", "100", "--lr", "1e-3"], capsys)
     assert code == 0, err
     assert "chrF" in stdout and os.path.isdir(os.path.join(run, "finetuned", "ron-100-s0"))
+    with open(os.path.join(run, "finetuned", "ron-100-s0", "scores.json")) as f:
+        assert json.load(f)["finetune_lr"] == 1e-3
     code, err, stdout = _main(["translate", "--run", run, "--lang", "ron", "Mulțumesc foarte mult.", "Nu știu."],
                               capsys)
     assert code == 0, err
