@@ -691,6 +691,17 @@ def select_by_finetuning(run_dir: str, tuner: Finetuner, corpus: tdata.Corpus, o
     return step, lr, {k: measured[str(step)][str(k)] for k in config.finetune_lrs}
 
 
+def grid_capacity(config: TranslationConfig, corpus: tdata.Corpus) -> int:
+    """How many pairs a grid's fine-tuning holds: the validation languages' or the largest target's."""
+    return max([config.finetune_val_pairs] +
+               [len(training_subset(config, corpus, code, None, 0)) for code in config.target_langs])
+
+
+def _rate_record(lr: float, losses: dict) -> dict:
+    """``finetune_lrs.json``'s entry for one initialisation: its rate and every rate's validation loss."""
+    return {"lr": lr, "val_dev_loss": {str(k): v for k, v in losses.items()}}
+
+
 def evaluate_grid(run_dirs: Sequence[str], out_dir: str, *, langs: Sequence[str] | None = None,
                   sizes: Sequence[str] | None = None, seeds: Sequence[int] | None = None,
                   selection: str | None = None, candidates: int | None = None, progress: bool = True) -> list[dict]:
@@ -728,9 +739,7 @@ def evaluate_grid(run_dirs: Sequence[str], out_dir: str, *, langs: Sequence[str]
     config = config.resolved()
     corpus = held_out_corpus(config)
     os.makedirs(out_dir, exist_ok=True)
-    capacity = max([config.finetune_val_pairs] +
-                   [len(training_subset(config, corpus, code, None, 0)) for code in config.target_langs])
-    tuner = Finetuner(config, capacity)
+    tuner = Finetuner(config, grid_capacity(config, corpus))
     rates_path = os.path.join(out_dir, "finetune_lrs.json")
     rates = {}
     if os.path.isfile(rates_path):
@@ -741,13 +750,13 @@ def evaluate_grid(run_dirs: Sequence[str], out_dir: str, *, langs: Sequence[str]
         run = run_dir
         if config.checkpoint_selection == "finetuned" and split_run(run_dir)[1] is None:
             step, lr, losses = select_by_finetuning(run_dir, tuner, corpus, out_dir, progress=progress)
-            if step != _read_summary(run_dir)["best_step"]:
+            if step != checkpoint_of(run_dir):
                 run = f"{run_dir}@{step}"
                 inits[run] = load_initialisation(run)
             else:
                 inits[run] = inits[run_dir]
             if run_key(run) not in rates:  # the choice above measured this checkpoint at every rate
-                rates[run_key(run)] = {"lr": lr, "val_dev_loss": {str(k): v for k, v in losses.items()}}
+                rates[run_key(run)] = _rate_record(lr, losses)
             rates[run_key(run)]["selected_by"] = "finetuned"
             write_json(rates_path, rates)
             used = rates[run_key(run)]["lr"]  # measured before for this checkpoint: the same choice
@@ -771,7 +780,7 @@ def evaluate_grid(run_dirs: Sequence[str], out_dir: str, *, langs: Sequence[str]
         key = run_key(run_dir)
         if key not in rates:
             lr, losses = tuner.choose_lr(inits[run_dir][1], corpus)
-            rates[key] = {"lr": lr, "val_dev_loss": {str(k): v for k, v in losses.items()}}
+            rates[key] = _rate_record(lr, losses)
             write_json(rates_path, rates)
     floors = {code: copy_baseline(config, corpus, code) for code in config.target_langs}
     bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="fine-tune grid", disable=not progress,

@@ -197,9 +197,7 @@ def test_finetuned_selection_picks_checkpoint_and_rate_by_the_validation_languag
     config, params = tr.load_initialisation(f"{out / 'pretrain'}@200")
     config = config.resolved()
     corpus = tr.held_out_corpus(config)
-    capacity = max([config.finetune_val_pairs] +
-                   [len(tr.training_subset(config, corpus, c, None, 0)) for c in config.target_langs])
-    tuner = tr.Finetuner(config, capacity)
+    tuner = tr.Finetuner(config, tr.grid_capacity(config, corpus))
     direct = np.mean([tuner.finetune(params, tr.training_subset(config, corpus, c, config.finetune_val_pairs, 0),
                                      tr.dev_subset(config, corpus, c), 0, 1e-4)[1]["dev_loss"]
                       for c in config.val_langs])
