@@ -9,7 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxmeta.data.episodes import sample_task, sample_tasks, validate_episode
+import itertools
+
+from jaxmeta.data.episodes import choose_distinct, sample_task, sample_tasks, validate_episode
 from jaxmeta.errors import ConfigError
 
 NUM_CLASSES, NUM_EXAMPLES = 12, 10
@@ -156,3 +158,28 @@ def test_validate_episode_accepts_the_limits() -> None:
         sample_tasks(
             jax.random.key(0), jnp.zeros((3, 4, 1, 1, 1)), batch_size=0, ways=2, shots=1, queries=1
         )
+
+
+def test_choose_distinct_is_uniform_over_subsets() -> None:
+    # Floyd's algorithm: 3 of 6 has 20 subsets; 60,000 draws give each 3,000 expected
+    # (standard deviation ~53).  A biased chooser (e.g. one that favours the last
+    # integers) moves some subset's count by hundreds; a chi-square over 19 degrees of
+    # freedom stays under 43.8 with probability 0.999.
+    draws = np.asarray(jax.jit(jax.vmap(lambda k: choose_distinct(k, 6, 3)))(
+        jax.random.split(jax.random.PRNGKey(0), 60_000)))
+    assert (np.sort(draws, axis=1)[:, 1:] != np.sort(draws, axis=1)[:, :-1]).all(), "values repeat"
+    assert draws.min() >= 0 and draws.max() <= 5
+    counts = {c: 0 for c in itertools.combinations(range(6), 3)}
+    for row in map(tuple, np.sort(draws, axis=1)):
+        counts[row] += 1
+    expected = 60_000 / 20
+    chi2 = sum((c - expected) ** 2 / expected for c in counts.values())
+    assert chi2 < 43.8, (chi2, counts)
+    # Every integer appears in half the draws (3 of 6).
+    freq = np.bincount(draws.ravel(), minlength=6) / 60_000
+    np.testing.assert_allclose(freq, 0.5, atol=0.01)
+
+
+def test_choose_distinct_rejects_impossible_sizes() -> None:
+    with pytest.raises(ConfigError, match="cannot choose 7 distinct values from 6"):
+        choose_distinct(jax.random.PRNGKey(0), 6, 7)
