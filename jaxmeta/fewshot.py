@@ -32,7 +32,7 @@ from jaxmeta.distributed import check_meta_batch, task_mesh
 from jaxmeta.errors import CheckpointError, ConfigError, DataError
 from jaxmeta.io import read_jsonl, save_figure, write_json
 from jaxmeta.models import classification_loss, conv4_miniimagenet, conv4_omniglot
-from jaxmeta.training import METRICS_FILE, init_train_state, train
+from jaxmeta.training import METRICS_FILE, init_train_state, steady_step_ms, train
 
 CONFIG_FILE = "config.json"
 EVAL_FILE = "eval.json"
@@ -378,7 +378,8 @@ def train_and_evaluate(config: FewShotConfig, run_dir: str, *, resume: bool = Fa
     plot_curve(read_jsonl(os.path.join(run_dir, METRICS_FILE)), os.path.join(run_dir, "curve.png"),
                title=f"{config.dataset} {config.ways}-way {config.shots}-shot {config.algo}")
     training = {"meta_steps": int(result.state.step), "skipped_steps": int(result.state.skipped),
-                "train_seconds_this_call": result.seconds, "resumed": resume, "device": str(jax.devices()[0])}
+                "train_seconds_this_call": result.seconds, "resumed": resume, "device": str(jax.devices()[0]),
+                "ms_per_meta_step": steady_step_ms(result.step_ms), "dispatches_timed": max(len(result.step_ms) - 1, 0)}
     write_json(os.path.join(run_dir, TRAIN_FILE), training)
     test_tasks = fixed_tasks(config, test_images, num_tasks=config.test_tasks, seed=TEST_SEED)
     evaluation = score(config, loss_fn, result.state.meta.params, test_tasks, config.test_inner_steps)

@@ -53,9 +53,27 @@ class TrainingDiverged(JaxmetaError):
 
 
 class TrainResult(NamedTuple):
+    """What :func:`train` returns.
+
+    Attributes:
+      state: the final :class:`TrainState`.
+      history: the logged rows (those of ``metrics.jsonl``).
+      seconds: wall time of the call.
+      step_ms: wall milliseconds per meta-step of every dispatch of this call
+        (sampling included; validation, checkpoints and logging excluded).  The
+        first dispatch of each chunk length includes its compilation.
+    """
+
     state: TrainState
     history: list[dict]
     seconds: float
+    step_ms: list[float] = []
+
+
+def steady_step_ms(step_ms: list[float]) -> float | None:
+    """The median of :attr:`TrainResult.step_ms` without the first dispatch (compilation); ``None`` if too few."""
+    steady = step_ms[1:]
+    return float(np.median(steady)) if steady else None
 
 
 def init_train_state(learner: MetaLearner, params: Params, key: PRNGKey) -> TrainState:
@@ -226,13 +244,16 @@ def train(
     state, data = replicate(state, mesh), replicate(data, mesh)
     start_step = int(state.step)
     started = time.perf_counter()
+    step_ms: list[float] = []
     bar = tqdm(total=meta_steps, initial=start_step, desc=desc, disable=not progress, dynamic_ncols=True)
     try:
         while int(state.step) < meta_steps:
             step = int(state.step)
             n = min(log_every - step % log_every, meta_steps - step)
+            dispatched = time.perf_counter()
             state, metrics = run_chunk(state, data, n)
             metrics = jax.device_get(metrics)
+            step_ms.append(1e3 * (time.perf_counter() - dispatched) / n)
             step = int(state.step)
             row = {"step": step, **{f"train/{k}": v for k, v in summarize_chunk(metrics).items()}}
             if int(state.bad_streak) >= max_bad_steps:
@@ -253,7 +274,7 @@ def train(
         bar.close()
         if mngr is not None:
             mngr.close()
-    return TrainResult(state, history, time.perf_counter() - started)
+    return TrainResult(state, history, time.perf_counter() - started, step_ms)
 
 
 def _postfix(row: dict) -> dict[str, str]:
