@@ -43,9 +43,6 @@ from jaxmeta.algorithms.registry import ALGORITHMS
 from jaxmeta.cli import ArgumentParser, choice_list, int_list, positive_float, positive_int, run, writable_dir
 from jaxmeta.errors import ConfigError
 
-TORCH_CONFIG = {"task": "omniglot", "algo": "maml", "ways": 5, "shots": 1, "queries": 15, "meta_batch": 32,
-                "inner_steps": 1, "remat": False, "chunk_size": None}
-"""The configuration the PyTorch comparison is made on."""
 
 
 def _say(msg: str) -> None:
@@ -57,14 +54,17 @@ def build_parser() -> ArgumentParser:
     from jaxmeta.models import CONV_IMPLS
 
     parser = ArgumentParser(prog="python -m experiments.benchmark", description=__doc__.split("\n")[0])
-    parser.add_argument("--task", choices=bm.TASKS, default="omniglot")
-    parser.add_argument("--algo", choices=ALGORITHMS, default="maml")
-    parser.add_argument("--ways", type=positive_int, default=5, help="classes per task (Omniglot)")
+    parser.add_argument("--setting", choices=tuple(bm.PROTOCOLS),
+                        help="a paper's training step by name (" + ", ".join(bm.PROTOCOLS) + "); the problem "
+                        "options below override it")
+    parser.add_argument("--task", choices=bm.TASKS)
+    parser.add_argument("--algo", choices=ALGORITHMS)
+    parser.add_argument("--ways", type=positive_int, help="classes per task (Omniglot; default 5)")
     parser.add_argument("--shots", type=positive_int, help="support examples per class (default 1; sinusoid 10)")
     parser.add_argument("--queries", type=positive_int,
                         help="query examples per class (default 15; sinusoid 10 points)")
     parser.add_argument("--meta-batch", type=positive_int, help="tasks per meta-step (default 32; sinusoid 25)")
-    parser.add_argument("--inner-steps", type=positive_int, default=1)
+    parser.add_argument("--inner-steps", type=positive_int, help="default 1")
     parser.add_argument("--inner-lr", type=positive_float, help="default 0.4 (Omniglot), 0.01 (sinusoid)")
     parser.add_argument("--outer-lr", type=positive_float, default=1e-3)
     parser.add_argument("--remat", action="store_true",
@@ -72,8 +72,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--chunk-size", type=positive_int,
                         help="tasks per lax.map chunk (default: vmap over the whole meta-batch)")
     parser.add_argument("--conv-impl", choices=CONV_IMPLS, default="auto")
-    parser.add_argument("--classes", type=positive_int, default=1200,
-                        help="classes in the random Omniglot image pool")
+    parser.add_argument("--classes", type=positive_int,
+                        help="classes in the random Omniglot image pool (default 1200; the named settings: "
+                        "4400, as many as the real training pool)")
     parser.add_argument("--repeats", type=positive_int, help="timed one-step dispatches (default 10)")
     parser.add_argument("--warmup", type=positive_int, help="untimed dispatches before timing (default 2)")
     parser.add_argument("--steps-per-dispatch", type=positive_int,
@@ -82,11 +83,21 @@ def build_parser() -> ArgumentParser:
                         help="timed many-step dispatches (default 3; sweep 2)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", metavar="OUT", help="write the result as JSON (atomically)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also time every op of the compiled step (jax.profiler trace): where the time goes")
     parser.add_argument("--matmul-ceiling", action="store_true",
                         help="also time each of the step's matrix products alone: the rate its matmuls reach here")
     parser.add_argument("--torch", action="store_true",
-                        help="add the PyTorch comparison (5-way 1-shot B32 Q15, 1 step, second order)")
-    parser.add_argument("--torch-repeats", type=positive_int, default=5, help="timed torch meta-steps per style")
+                        help="add the PyTorch comparison on this setting (exact second-order MAML, Omniglot), each "
+                        "contestant in its own process")
+    parser.add_argument("--torch-repeats", type=positive_int, default=5,
+                        help="rounds of the comparison: each contestant runs one turn per round (default 5)")
+    parser.add_argument("--torch-steps", type=positive_int, default=3,
+                        help="timed meta-steps per contestant and turn (default 3)")
+    parser.add_argument("--torch-warmup", type=positive_int, default=1,
+                        help="untimed turns per contestant before the rounds (default 1)")
+    parser.add_argument("--torch-threads", type=positive_int,
+                        help="cores (and threads) of every contestant (default: all this process may use)")
     parser.add_argument("--compare", type=choice_list(ALGORITHMS), metavar="ALGOS",
                         help="time these algorithms side by side on the configuration (median ms/step and "
                         "ratio to the first), comma-separated, e.g. maml,anil")
@@ -113,25 +124,28 @@ def _timing_overrides(args) -> dict:
     return {k: getattr(args, k) for k in TIMING_OPTIONS if getattr(args, k) is not None}
 
 
-def config_from_args(args):
-    from jaxmeta.benchmarking import BenchConfig
+PROBLEM_OPTIONS = ("task", "algo", "ways", "shots", "queries", "meta_batch", "inner_steps", "inner_lr", "classes")
 
+
+def config_from_args(args):
+    """The configuration of ``--setting`` (or the defaults), with the problem options given on the command line."""
+    from jaxmeta.benchmarking import PROTOCOLS, BenchConfig
+
+    given = {k: getattr(args, k) for k in PROBLEM_OPTIONS if getattr(args, k) is not None}
+    base = dict(PROTOCOLS[args.setting]) if args.setting else {}
+    task = given.get("task", base.get("task", "omniglot"))
+    if args.setting and task != base["task"]:
+        base = {}  # another task: nothing of the setting applies
     # Defaults per task: sinusoid K=10 B25; omniglot 1-shot, 15 queries, B32; translation 16+16 pairs, B4.
-    shots, queries, meta_batch = {"sinusoid": (10, 10, 25), "translation": (16, 16, 4)}.get(args.task, (1, 15, 32))
+    shots, queries, meta_batch = {"sinusoid": (10, 10, 25), "translation": (16, 16, 4)}.get(task, (1, 15, 32))
+    problem = {"task": task, "algo": "maml", "ways": 5, "shots": shots, "queries": queries,
+               "meta_batch": meta_batch, "inner_steps": 1, "classes": 1200, **base, **given}
     config = BenchConfig(
-        task=args.task,
-        algo=args.algo,
-        ways=args.ways,
-        shots=args.shots or shots,
-        queries=args.queries or queries,
-        meta_batch=args.meta_batch or meta_batch,
-        inner_steps=args.inner_steps,
+        **problem,
         remat=args.remat,
         chunk_size=args.chunk_size,
         conv_impl=args.conv_impl,
-        inner_lr=args.inner_lr,
         outer_lr=args.outer_lr,
-        classes=args.classes,
         seed=args.seed,
         **_timing_overrides(args),
     )
@@ -147,57 +161,198 @@ def _torch_module():
     return torch_reference
 
 
-def _jax_contestants(steps_per_dispatch: int, log) -> dict:
-    """The JAX meta-step of the torch configuration as ``name -> (run, steps per run)`` closures."""
+CONTESTANTS = ("jax", "jax_loop", "autograd_loop", "torch_func_plain_bn")
+"""The contestants of ``--torch``, each timed in its own process (see :mod:`experiments.contestant`).
+
+``torch_func`` (torch.func through ``F.batch_norm``) is checked but not timed: its
+second-order gradient is wrong (the check says so on every run)."""
+
+
+def write_episode(config, path: str) -> dict:
+    """Writes the shared episode of a comparison: setting, initial parameters, one task batch, JAX's meta-gradient.
+
+    Every contestant times its meta-step on exactly this task batch, starting
+    from exactly these parameters; the PyTorch gradient checks compare with
+    this meta-gradient.
+    """
+    import json
+
     import jax
+    import numpy as np
 
     from jaxmeta import benchmarking as bm
-    from jaxmeta.training import init_train_state
+    from jaxmeta.algorithms import maml_loss
+    from jaxmeta.models import classification_loss, conv4_omniglot
 
-    problem = bm.build_problem(bm.BenchConfig(**TORCH_CONFIG))
-    state = [init_train_state(problem.learner, problem.params, jax.random.PRNGKey(1))]
-    one, many = bm.step_programs(problem, steps_per_dispatch)
-    log("compiling the JAX programs for the interleaved comparison")
-    programs = {"jax_one_per_dispatch": (one.lower(state[0], problem.data).compile(), 1),
-                f"jax_{steps_per_dispatch}_per_dispatch": (many.lower(state[0], problem.data).compile(),
-                                                          steps_per_dispatch)}
+    problem = bm.build_problem(config)
+    tasks = jax.jit(problem.sample)(jax.random.PRNGKey(config.seed + 2), problem.data)
+    model = conv4_omniglot(config.ways)
+    grads = jax.jit(lambda p, t: jax.grad(maml_loss, argnums=1)(
+        classification_loss(model), p, t, steps=config.inner_steps, lr=config.effective_inner_lr,
+        has_aux=True))(problem.params, tasks)
+    meta = {"ways": config.ways, "shots": config.shots, "queries": config.queries, "meta_batch": config.meta_batch,
+            "inner_steps": config.inner_steps, "inner_lr": config.effective_inner_lr, "outer_lr": config.outer_lr,
+            "second_order": True, "outer": f"adam({config.outer_lr})"}
+    arrays = {"meta": np.array(json.dumps(meta)),
+              "support_x": tasks.support[0], "support_y": tasks.support[1],
+              "query_x": tasks.query[0], "query_y": tasks.query[1]}
+    for prefix, tree in (("param", problem.params), ("grad", grads)):
+        for layer, leaves in tree.items():
+            for leaf, value in leaves.items():
+                arrays[f"{prefix}/{layer}/{leaf}"] = np.asarray(value)
+    np.savez(path, **{k: np.asarray(v) for k, v in arrays.items()})
+    return meta
 
-    def runner(compiled):
-        def run_once():
-            out = compiled(state[0], problem.data)
-            jax.block_until_ready(out)
-            state[0] = out[0]
-        return run_once
 
-    return {name: (runner(c), n) for name, (c, n) in programs.items()}
+class _Contestant:
+    """A contestant's process, driven over its standard input one JSON line at a time."""
+
+    def __init__(self, name: str, episode: str, threads: int, timeout: float):
+        import subprocess
+
+        self.name, self.timeout = name, timeout
+        self.stderr = open(episode + f".{name}.stderr", "w+", encoding="utf-8")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "experiments.contestant", "--contestant", name, "--episode", episode,
+             "--threads", str(threads)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True,
+            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        self.ready = self._read()
+
+    def _read(self) -> dict:
+        import json
+        import select
+
+        ready, _, _ = select.select([self.proc.stdout], [], [], self.timeout)
+        line = self.proc.stdout.readline() if ready else ""
+        if not line:
+            self.stderr.seek(0)
+            tail = self.stderr.read().strip().splitlines()[-1:] or ["no output"]
+            self.close()
+            raise ConfigError(f"--torch: the {self.name} process stopped or timed out ({tail[0]})")
+        return json.loads(line)
+
+    def run(self, steps: int) -> list[float]:
+        self.proc.stdin.write(f"run {steps}\n")
+        self.proc.stdin.flush()
+        return self._read()["times"]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write("quit\n")
+                self.proc.stdin.close()
+                self.proc.wait(timeout=30)
+            except Exception:  # noqa: BLE001 - a stuck process is killed
+                self.proc.kill()
+        self.stderr.close()
 
 
-def torch_comparison(jax_result: dict | None, args) -> dict:
-    """Times the torch reference round-robin with the JAX step of the same configuration.
+def torch_comparison(config, args, *, contestants: Sequence[str] = CONTESTANTS) -> dict:
+    """Times JAX and the PyTorch styles on one setting, each in its own process, alternated.
 
-    The JAX/torch ratios come from these interleaved timings (the load of a
-    shared machine hits every contestant alike); ``jax_result``, when it is
-    the same configuration, is reported beside them.
+    One process per contestant, all pinned to the same ``--torch-threads``
+    cores with as many threads; the same initial parameters and task batch
+    (:func:`write_episode`); one untimed warm-up turn each, then
+    ``--torch-repeats`` rounds in which every contestant runs
+    ``--torch-steps`` meta-steps in turn (the order rotates every round) while
+    the others wait idle.  Reports each contestant's median (and spread) over
+    its timed meta-steps, the JAX speed-up over each PyTorch style (ratio of
+    medians, and the median of the per-round ratios), and, before any
+    timing, the PyTorch meta-gradients' checks against JAX's and a float64
+    finite difference (:mod:`experiments.contestant` ``--check``).
     """
-    torch_reference = _torch_module()
-    steps = args.steps_per_dispatch or 5
-    log = lambda m: _say(f"[torch] {m}")
-    others = _jax_contestants(steps, log)
-    report = torch_reference.compare(repeats=args.torch_repeats, log=log, others=others)
-    jax_ms = {name: row["ms_per_step"] for name, row in report["others"].items() if "ms_per_step" in row}
-    best_jax = min(jax_ms.values())
-    report["jax_ms_per_step"] = jax_ms
-    report["jax_best_ms_per_step"] = best_jax
-    if jax_result is not None and all(jax_result["config"].get(k) == v for k, v in TORCH_CONFIG.items()):
-        report["jax_benchmark_ms_per_step"] = jax_result["ms_per_step"]
-    for style, row in report["styles"].items():
-        if not row.get("ms_per_step"):
+    import json
+    import statistics
+    import subprocess
+    import tempfile
+
+    from jaxmeta import benchmarking as bm
+
+    if config.task != "omniglot" or config.algo != "maml" or config.remat or config.chunk_size:
+        raise ConfigError("--torch compares exact second-order MAML on Omniglot (no --remat, no --chunk-size)")
+    threads = args.torch_threads or bm._cpu_count()
+    log = lambda m: _say(f"[torch] {m}")  # noqa: E731
+    with tempfile.TemporaryDirectory(prefix="jaxmeta-torch-") as tmp:
+        episode = os.path.join(tmp, "episode.npz")
+        meta = write_episode(config, episode)
+        checks: dict = {}
+        if any(c != "jax" for c in contestants):
+            log("checking the PyTorch meta-gradients against JAX's and a float64 finite difference")
+            done = subprocess.run([sys.executable, "-m", "experiments.contestant", "--check", "--episode", episode,
+                                   "--threads", str(threads)], capture_output=True, text=True, timeout=3600,
+                                  cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+            if done.returncode != 0:
+                tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+                raise ConfigError(f"--torch: the gradient check failed ({tail})")
+            checks = json.loads(done.stdout.strip().splitlines()[-1])
+            for name in contestants:
+                if name in checks:
+                    log(f"{name}: {checks[name]['verdict']}")
+        procs: dict[str, _Contestant] = {}
+        try:
+            for name in contestants:
+                log(f"starting {name} in its own process")
+                procs[name] = _Contestant(name, episode, threads, timeout=1800)
+                for _ in range(args.torch_warmup):  # untimed turns (JAX: compilation)
+                    procs[name].run(args.torch_steps)
+            times: dict[str, list[float]] = {name: [] for name in contestants}
+            turns: dict[str, list[float]] = {name: [] for name in contestants}
+            order = list(contestants)
+            for r in range(args.torch_repeats):
+                for name in order[r % len(order):] + order[:r % len(order)]:
+                    time.sleep(0.3)  # let the previous contestant's worker threads go idle
+                    t = procs[name].run(args.torch_steps)
+                    times[name] += t
+                    turns[name].append(statistics.median(t))
+                log(f"round {r + 1}/{args.torch_repeats}: " + ", ".join(
+                    f"{n} {1e3 * turns[n][-1]:.4g} ms" for n in contestants))
+            pids = {name: p.ready["pid"] for name, p in procs.items()}
+        finally:
+            for p in procs.values():
+                p.close()
+    rows = {}
+    for name in contestants:
+        ms = [1e3 * t for t in times[name]]
+        rows[name] = {**bm.spread(ms), "ms_per_step": statistics.median(ms), "pid": pids[name]}
+    jax_rows = {n: r for n, r in rows.items() if n.startswith("jax")}
+    # The headline JAX figure is the training loop's form (many meta-steps per dispatch) when it ran.
+    headline = "jax_loop" if "jax_loop" in jax_rows else next(iter(jax_rows), None)
+    styles = {}
+    for name in contestants:
+        if name in jax_rows:
             continue
-        row["speedup_jax_vs_torch"] = row["ms_per_step"] / best_jax
-        row["speedup_by_jax_program"] = {name: row["ms_per_step"] / ms for name, ms in jax_ms.items()}
-        row["ratio_jax_over_torch"] = best_jax / row["ms_per_step"]
-        _say(f"[torch] {style}: {row['ms_per_step']:.4g} ms/step; JAX ({best_jax:.4g} ms/step) is "
-             f"{row['speedup_jax_vs_torch']:.2f}x faster; gradient check: {row['grad_check']['verdict']}")
+        row = {**rows[name], "grad_check": checks.get(name)}
+        row["speedup_by_jax"] = {j: row["ms_per_step"] / r["ms_per_step"] for j, r in jax_rows.items()}
+        row["paired_speedup_by_jax"] = {j: statistics.median(b / a for a, b in zip(turns[j], turns[name]))
+                                        for j in jax_rows}
+        if headline:
+            row["speedup_jax_vs_torch"] = row["speedup_by_jax"][headline]
+            row["paired_speedup_median"] = row["paired_speedup_by_jax"][headline]
+        if checks.get(name) and not checks[name]["ok"]:
+            row["note"] = "meta-gradient does not match: timing reported but not trusted"
+        styles[name] = row
+        log(f"{name}: {row['ms_per_step']:.4g} ms/step; " + ", ".join(
+            f"{j} ({r['ms_per_step']:.4g} ms/step) {row['speedup_by_jax'][j]:.2f}x faster "
+            f"(per round {row['paired_speedup_by_jax'][j]:.2f}x)" for j, r in jax_rows.items()))
+    trusted = [r["ms_per_step"] for r in styles.values() if (r.get("grad_check") or {}).get("ok")]
+    report = {
+        "setting": args.setting, "label": config.label(), "config": meta,
+        "threads": threads, "rounds": args.torch_repeats, "steps_per_turn": args.torch_steps,
+        "warmup_turns": args.torch_warmup, "jax": jax_rows, "headline_jax": headline, "styles": styles,
+        "float64_checks": checks.get("float64"),
+        "speedup_vs_fastest_correct_torch": (min(trusted) / jax_rows[headline]["ms_per_step"])
+        if trusted and headline else None,
+        "method": "each contestant in its own process, pinned to the same cores with the same thread count; the "
+                  "same parameters and task batch; one warm-up turn each; rounds of one turn per contestant, the "
+                  "order rotated every round, the others idle; medians over the timed meta-steps",
+    }
+    try:
+        import torch  # noqa: F401 - the version only
+
+        report["torch_version"] = torch.__version__
+    except ImportError:
+        pass
     return report
 
 
@@ -214,14 +369,18 @@ def run_single(args) -> dict:
     peak = bm.matmul_peak_gflops()
     _say(f"  matmul peak {peak['peak_gflops']:.1f} GFLOP/s (median {peak['median_gflops']:.1f})")
     _say(config.label())
-    result = bm.benchmark(config, matmul_peak=peak, ceiling=args.matmul_ceiling, log=lambda m: _say(f"  {m}"))
+    result = bm.benchmark(config, matmul_peak=peak, ceiling=args.matmul_ceiling, profile=args.profile,
+                          log=lambda m: _say(f"  {m}"))
     _say("  " + bm.summary_line(result))
+    if args.profile:
+        _say(bm.format_profile(result["profile"]))
     if args.matmul_ceiling:
         for row in result["matmul_ceiling"]["shapes"][:8]:
             _say(f"    {row['lhs']} x {row['rhs']} x{row['count']:g}: {row['gflops_per_s']:.4g} GFLOP/s, "
                  f"{100 * row['time_share']:.0f}% of the matmul time")
     if args.torch:
-        result["torch"] = torch_comparison(result, args)
+        result["torch"] = torch_comparison(config, args)
+        result["torch"]["jax_benchmark_ms_per_step"] = result["ms_per_step"]
     if args.json:
         write_json(args.json, result)
         _say(f"wrote {args.json}")
@@ -255,7 +414,7 @@ def run_sweep(args) -> dict:
     if args.torch:
         _torch_module()
     out_dir = writable_dir(args.out)
-    overrides = {k: getattr(args, k) for k in ("conv_impl", "classes", "seed")}
+    overrides = {k: getattr(args, k) for k in ("conv_impl", "classes", "seed") if getattr(args, k) is not None}
     overrides.update(_timing_overrides(args))
     if args.chunk_size:
         overrides["chunk_size"] = args.chunk_size
@@ -282,8 +441,7 @@ def run_sweep(args) -> dict:
         _say(f"[{i}/{len(configs)}] {bm.summary_line(result)}")
         save()
     if args.torch:
-        base = next((r for r in results if all(r["config"].get(k) == v for k, v in TORCH_CONFIG.items())), None)
-        sweep["torch"] = torch_comparison(base, args)
+        sweep["torch"] = torch_comparison(config_from_args(args), args)
     save(plots=True)
     print(bm.format_table(results))
     print(bm.format_targets(sweep["targets"]))
@@ -311,8 +469,8 @@ def write_sweep(sweep: dict, out_dir: str, *, plots: bool = True) -> None:
                   "configuration kept; the matmul peak is the first sweep's).\n")
     md += [bm.format_table(results), "\n## Targets\n", bm.format_targets(sweep["targets"])]
     if sweep.get("torch"):
-        md.append("\n## PyTorch comparison (5-way 1-shot B32 Q15, 1 step, second order)\n")
-        md.append(_torch_markdown(sweep["torch"]))
+        md.append("\n## PyTorch comparison\n")
+        md.append(torch_markdown(sweep["torch"]))
     atomic_write_text(os.path.join(out_dir, "sweep.md"), "\n".join(md))
     if plots:
         for name, metric in (("time_vs_steps.png", "time"), ("memory_vs_steps.png", "memory")):
@@ -370,19 +528,23 @@ def run_merge(args) -> dict:
     return merged
 
 
-def _torch_markdown(report: dict) -> str:
-    names = list(report["jax_ms_per_step"])
-    head = "| style | ms/step | " + " | ".join(f"speed-up of {n}" for n in names) + " | gradient check |"
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for name in names:
-        lines.append(f"| {name} | {report['jax_ms_per_step'][name]:.4g} (JAX) |" + " |" * len(names) + " |")
+def torch_markdown(report: dict) -> str:
+    """The comparison as a Markdown table (JAX first, then each PyTorch style)."""
+    lines = ["| contestant | ms / meta-step (median) | IQR | JAX speed-up (medians; per round) | gradient check |",
+             "|---|---|---|---|---|"]
+    described = {"jax": "jaxmeta, 1 meta-step per call", "jax_loop": "jaxmeta, the turn's meta-steps in one call "
+                 "(the training loop's form)"}
+    for name, row in report["jax"].items():
+        lines.append(f"| {described.get(name, name)} | {row['ms_per_step']:.4g} | {row['iqr']:.3g} | — | reference |")
     for style, row in report["styles"].items():
-        if not row.get("ms_per_step"):
-            lines.append(f"| {style} | failed: {row.get('error', '?')} |" + " |" * len(names) + " |")
-            continue
-        ups = " | ".join(f"{row['speedup_by_jax_program'][n]:.2f}x" for n in names)
-        lines.append(f"| {style} | {row['ms_per_step']:.4g} | {ups} | {row['grad_check']['verdict']} |")
-    return "\n".join(lines) + "\n\nTimed round-robin in one process (same load for all); " + report["note"] + ".\n"
+        check = (row.get("grad_check") or {}).get("verdict", "not checked")
+        speed = "; ".join(f"{j}: {row['speedup_by_jax'][j]:.2f}x, {row['paired_speedup_by_jax'][j]:.2f}x"
+                          for j in report["jax"]) or "—"
+        lines.append(f"| PyTorch {report.get('torch_version', '')} {style} | {row['ms_per_step']:.4g} | "
+                     f"{row['iqr']:.3g} | {speed} | {check} |")
+    return (f"{report['label']}, {report['threads']} threads each, {report['rounds']} rounds of "
+            f"{report['steps_per_turn']} meta-steps per contestant.\n\n" + "\n".join(lines)
+            + "\n\n" + report["method"] + ".\n")
 
 
 def main(argv: Sequence[str] | None = None):

@@ -1,33 +1,31 @@
-"""PyTorch reference of one second-order MAML meta-step, for ``benchmark --torch``.
+"""PyTorch references of the exact second-order MAML meta-step, for ``benchmark --torch``.
 
-Imported only when PyTorch is installed.  The network is the Conv4 of
-:func:`jaxmeta.models.conv4_omniglot`: four blocks of [3x3 conv with 64 filters,
-stride 2 and XLA's ``SAME`` padding, no bias; batch norm with the batch's
-statistics and a learnable scale and bias; ReLU], a spatial mean and a linear
-head.  The meta-step is Omniglot 5-way 1-shot, 32 tasks, 15 queries per class,
-one inner SGD step at lr 0.4 with the exact second-order meta-gradient, then
-Adam(1e-3) outside.  Two idiomatic styles are timed:
+Imported only when PyTorch is installed, and only by the processes that run a
+PyTorch contestant (:mod:`experiments.contestant`): never beside a JAX
+program.  The network is the Conv4 of :func:`jaxmeta.models.conv4_omniglot`:
+four blocks of [3x3 conv with 64 filters, stride 2 and XLA's ``SAME`` padding,
+no bias; batch norm with the batch's statistics and a learnable scale and
+bias; ReLU], a spatial mean and a linear head.  The meta-step is any N-way
+K-shot setting of an episode file (:func:`load_episode`): ``inner_steps`` SGD
+steps on each task's support set with the exact second-order meta-gradient,
+then Adam outside.  The styles (:data:`STYLES`):
 
-* ``torch_func``: ``torch.func.functional_call`` + ``grad`` (grad of grad) +
-  ``vmap`` over tasks;
-* ``torch_func_plain_bn``: the same with batch norm written in plain tensor
-  ops (see :class:`PlainBatchNorm2d`: ``vmap`` of grad-of-grad through
-  ``F.batch_norm`` is wrong in PyTorch 2.13, ~0.4% off in gradient norm and
-  ~1-8% along random directions);
 * ``autograd_loop``: a learn2learn-style Python loop over tasks with
-  ``torch.autograd.grad(create_graph=True)`` and ``backward`` per task.
+  ``torch.autograd.grad(create_graph=True)`` and ``backward`` per task;
+* ``torch_func_plain_bn``: ``torch.func.functional_call`` + ``grad`` (grad of
+  grad) + ``vmap`` over tasks, batch norm written in plain tensor ops (see
+  :class:`PlainBatchNorm2d`);
+* ``torch_func``: the same through ``F.batch_norm``, whose ``vmap`` of
+  grad-of-grad is wrong in PyTorch 2.13 (timed, never trusted).
 
 Before any timing is trusted, each style's meta-gradient is compared with
-JAX's on identical weights and data, and the loop's with a central finite
-difference in float64.
+JAX's on identical weights and data, and with a central finite difference in
+float64 (:func:`gradient_checks`).
 """
 
 from __future__ import annotations
 
 import math
-import os
-import statistics
-import time
 from typing import Callable
 
 import numpy as np
@@ -35,8 +33,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-WAYS, SHOTS, QUERIES, BATCH = 5, 1, 15, 32
-INNER_LR, OUTER_LR = 0.4, 1e-3
+WAYS = 5
+INNER_LR = 0.4
 FILTERS, EPS = 64, 1e-5
 
 NAMES = tuple(
@@ -138,8 +136,10 @@ def tasks_to_torch(tasks, dtype=torch.float32):
 # --------------------------------------------------------------------------- meta-gradients
 
 
-def loop_meta_grad(params: dict, data, *, lr: float = INNER_LR, backward: bool = True, act: Callable = F.relu):
-    """learn2learn-style: per task, ``autograd.grad(create_graph=True)`` then ``backward``.
+def loop_meta_grad(params: dict, data, *, lr: float = INNER_LR, steps: int = 1, backward: bool = True,
+                   act: Callable = F.relu):
+    """learn2learn-style: per task, ``steps`` inner steps with ``autograd.grad(create_graph=True)``, then
+    ``backward``.
 
     ``params`` are leaf tensors with ``requires_grad``; with ``backward`` the
     meta-gradient accumulates in their ``.grad`` and the mean query loss is
@@ -151,9 +151,11 @@ def loop_meta_grad(params: dict, data, *, lr: float = INNER_LR, backward: bool =
     total = 0.0
     grads = None
     for i in range(n):
-        support_loss = F.cross_entropy(functional_forward(params, xs[i], act), ys[i])
-        g = torch.autograd.grad(support_loss, [params[k] for k in names], create_graph=True)
-        fast = {k: params[k] - lr * gk for k, gk in zip(names, g)}
+        fast = dict(params)
+        for _ in range(steps):
+            support_loss = F.cross_entropy(functional_forward(fast, xs[i], act), ys[i])
+            g = torch.autograd.grad(support_loss, [fast[k] for k in names], create_graph=True)
+            fast = {k: fast[k] - lr * gk for k, gk in zip(names, g)}
         query_loss = F.cross_entropy(functional_forward(fast, xq[i], act), yq[i]) / n
         if backward:
             query_loss.backward()
@@ -166,7 +168,7 @@ def loop_meta_grad(params: dict, data, *, lr: float = INNER_LR, backward: bool =
     return total, dict(zip(names, grads))
 
 
-def func_meta_loss_fn(model: nn.Module, lr: float = INNER_LR):
+def func_meta_loss_fn(model: nn.Module, lr: float = INNER_LR, steps: int = 1):
     """``meta_loss(params, xs, ys, xq, yq)`` with ``torch.func`` (grad of grad, vmap over tasks)."""
     from torch.func import functional_call, grad, vmap
 
@@ -174,8 +176,10 @@ def func_meta_loss_fn(model: nn.Module, lr: float = INNER_LR):
         return F.cross_entropy(functional_call(model, params, (x,)), y)
 
     def task_loss(params, xs, ys, xq, yq):
-        g = grad(loss)(params, xs, ys)
-        fast = {k: params[k] - lr * g[k] for k in params}
+        fast = params
+        for _ in range(steps):
+            g = grad(loss)(fast, xs, ys)
+            fast = {k: fast[k] - lr * g[k] for k in fast}
         return loss(fast, xq, yq)
 
     def meta_loss(params, xs, ys, xq, yq):
@@ -184,10 +188,10 @@ def func_meta_loss_fn(model: nn.Module, lr: float = INNER_LR):
     return meta_loss
 
 
-def func_meta_grad(model: nn.Module, params: dict, data, lr: float = INNER_LR) -> dict:
+def func_meta_grad(model: nn.Module, params: dict, data, lr: float = INNER_LR, steps: int = 1) -> dict:
     from torch.func import grad
 
-    return grad(func_meta_loss_fn(model, lr))(params, *data)
+    return grad(func_meta_loss_fn(model, lr, steps))(params, *data)
 
 
 # --------------------------------------------------------------------------- checks
@@ -204,8 +208,9 @@ def _np(d: dict) -> dict:
     return {k: v.detach().double().cpu().numpy() for k, v in d.items()}
 
 
-def finite_difference_check(params32: dict, data32, *, tasks: int = 2, eps: float = 1e-5, seed: int = 0) -> dict:
-    """Float64 checks on the first ``tasks`` tasks: the two styles against each other and against a
+def finite_difference_check(params32: dict, data32, *, ways: int, lr: float, steps: int, tasks: int = 2,
+                            eps: float = 1e-5, seed: int = 0) -> dict:
+    """Float64 checks on the first ``tasks`` tasks: the styles against each other and against a
     central finite difference.
 
     The second-order MAML meta-loss of a ReLU network is *discontinuous*: the
@@ -214,7 +219,7 @@ def finite_difference_check(params32: dict, data32, *, tasks: int = 2, eps: floa
     converge (it grows as ``eps`` shrinks).  The finite-difference check is
     therefore made with a smooth activation (softplus) in the same code —
     that exercises every second-order term, batch norm's included; with the
-    real ReLU the two styles are compared with each other in float64.
+    real ReLU the styles are compared with each other in float64.
     """
     gen = torch.Generator().manual_seed(seed)
     data = tuple(d[:tasks].double() if d.is_floating_point() else d[:tasks] for d in data32)
@@ -225,192 +230,114 @@ def finite_difference_check(params32: dict, data32, *, tasks: int = 2, eps: floa
 
     def styles(act):
         _, g_loop = loop_meta_grad({k: v.clone().requires_grad_(True) for k, v in base.items()}, data,
-                                   backward=False, act=act)
-        g_func = func_meta_grad(Conv4(act=act).double(), {k: v.clone() for k, v in base.items()}, data)
-        g_plain = func_meta_grad(Conv4(act=act, plain_bn=True).double(), {k: v.clone() for k, v in base.items()},
-                                 data)
-        return _np(g_loop), _np(g_func), _np(g_plain)
+                                   lr=lr, steps=steps, backward=False, act=act)
+        out = {"autograd_loop": _np(g_loop)}
+        for name, plain in (("torch_func", False), ("torch_func_plain_bn", True)):
+            model = Conv4(ways, act=act, plain_bn=plain).double()
+            out[name] = _np(func_meta_grad(model, {k: v.clone() for k, v in base.items()}, data, lr, steps))
+        return out
 
     out = {"tasks": tasks, "eps": eps, "dtype": "float64"}
-    loop_relu, func_relu, plain_relu = styles(F.relu)
-    out["relu_func_vs_loop_rel_error"] = rel_error(func_relu, loop_relu)
-    out["relu_func_plain_bn_vs_loop_rel_error"] = rel_error(plain_relu, loop_relu)
+    relu = styles(F.relu)
+    out["relu_func_vs_loop_rel_error"] = rel_error(relu["torch_func"], relu["autograd_loop"])
+    out["relu_func_plain_bn_vs_loop_rel_error"] = rel_error(relu["torch_func_plain_bn"], relu["autograd_loop"])
 
     def meta_loss(p):
         total, _ = loop_meta_grad({k: v.clone().requires_grad_(True) for k, v in p.items()}, data,
-                                  backward=False, act=F.softplus)
+                                  lr=lr, steps=steps, backward=False, act=F.softplus)
         return total
 
     plus = meta_loss({k: v + eps * direction[k] for k, v in base.items()})
     minus = meta_loss({k: v - eps * direction[k] for k, v in base.items()})
     fd = (plus - minus) / (2 * eps)
-    loop_sp, func_sp, plain_sp = styles(F.softplus)
     out["softplus_fd_directional"] = fd
-    for name, g in (("autograd_loop", loop_sp), ("torch_func", func_sp), ("torch_func_plain_bn", plain_sp)):
+    for name, g in styles(F.softplus).items():
         d = float(sum(np.sum(g[k] * direction[k].numpy()) for k in direction))
         out[name] = {"softplus_directional": d, "rel_error_vs_fd": abs(d - fd) / max(abs(fd), 1e-30)}
-    out["softplus_func_vs_loop_rel_error"] = rel_error(func_sp, loop_sp)
-    data32 = tuple(d[:tasks] for d in data32)
-    _, g32 = loop_meta_grad({k: v.detach().clone().requires_grad_(True) for k, v in params32.items()}, data32,
-                            backward=False)
-    out["float32_noise_rel_error"] = rel_error(_np(g32), loop_relu)
     return out
 
 
-def jax_reference(seed: int = 0):
-    """JAX's Conv4 parameters, a task batch sampled from a random image pool, and JAX's meta-gradient."""
-    import jax
-    import jax.numpy as jnp
+def load_episode(path: str):
+    """``(meta, params, data, jax_grads)`` from an episode file written by ``benchmark --torch``.
 
-    from jaxmeta.algorithms import maml_loss
-    from jaxmeta.data.episodes import sample_tasks
-    from jaxmeta.models import classification_loss, conv4_omniglot
+    ``meta`` holds the setting (ways, shots, queries, meta_batch, inner_steps,
+    inner_lr, outer_lr); ``params`` and ``jax_grads`` are in the torch layout
+    (float32 tensors and float64 arrays), ``data`` is ``(xs, ys, xq, yq)``.
+    """
+    import json
 
-    model = conv4_omniglot(WAYS)
-    k_init, k_img, k_task = jax.random.split(jax.random.PRNGKey(seed), 3)
-    params = model.init(k_init, jnp.zeros((1, 28, 28, 1)))["params"]
-    images = jax.random.uniform(k_img, (1200, 20, 28, 28, 1))
-    tasks = sample_tasks(k_task, images, batch_size=BATCH, ways=WAYS, shots=SHOTS, queries=QUERIES)
-    grads = jax.jit(lambda p, t: jax.grad(maml_loss, argnums=1)(
-        classification_loss(model), p, t, steps=1, lr=INNER_LR, has_aux=True))(params, tasks)
-    return params, tasks, jax.device_get(grads)
+    with np.load(path) as f:
+        meta = json.loads(str(f["meta"]))
+        tree = lambda prefix: {  # noqa: E731
+            layer: {leaf: f[f"{prefix}/{layer}/{leaf}"] for leaf in ("kernel", "scale", "bias")
+                    if f"{prefix}/{layer}/{leaf}" in f}
+            for layer in [f"conv_{k}" for k in range(4)] + [f"bn_{k}" for k in range(4)] + ["head"]}
+        params, grads = params_from_jax(tree("param")), grads_to_torch_layout(tree("grad"))
+        data = tasks_to_torch(((f["support_x"], f["support_y"]), (f["query_x"], f["query_y"])))
+    return meta, params, data, grads
 
 
-def gradient_checks(seed: int = 0) -> dict:
-    """Both styles' meta-gradients against JAX's (float32, all 32 tasks, same weights and tasks), and the
+STYLES = ("autograd_loop", "torch_func_plain_bn", "torch_func")
+"""The PyTorch contestants: the learn2learn-style loop, torch.func with plain-op batch norm, torch.func with
+``F.batch_norm`` (its second order under vmap is wrong in 2.13: timed, never trusted)."""
+
+
+def gradient_checks(meta: dict, params: dict, data, jax_grads: dict, seed: int = 0) -> dict:
+    """Each style's meta-gradient against JAX's (float32, all tasks, same weights and tasks), and the
     float64 checks of :func:`finite_difference_check`."""
-    jparams, jtasks, jgrads = jax_reference(seed)
-    params = params_from_jax(jparams)
-    data = tasks_to_torch(jtasks)
-    ref = grads_to_torch_layout(jgrads)
+    ways, lr, steps = meta["ways"], meta["inner_lr"], meta["inner_steps"]
     leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
-    _, g_loop = loop_meta_grad(leaves, data, backward=False)
-    g_func = _np(func_meta_grad(Conv4(), {k: v.clone() for k, v in params.items()}, data))
-    g_plain = _np(func_meta_grad(Conv4(plain_bn=True), {k: v.clone() for k, v in params.items()}, data))
-    g_loop = _np(g_loop)
-    fd = finite_difference_check(params, data, seed=seed)
-    out = {"float64": fd, "loop_vs_jax_float32": rel_error(g_loop, ref)}
-    for name, g in (("autograd_loop", g_loop), ("torch_func", g_func), ("torch_func_plain_bn", g_plain)):
-        err = rel_error(g, ref)
-        per_leaf = {k: rel_error({k: g[k]}, {k: ref[k]}) for k in ref}
+    grads = {"autograd_loop": _np(loop_meta_grad(leaves, data, lr=lr, steps=steps, backward=False)[1])}
+    for name, plain in (("torch_func", False), ("torch_func_plain_bn", True)):
+        grads[name] = _np(func_meta_grad(Conv4(ways, plain_bn=plain), {k: v.clone() for k, v in params.items()},
+                                         data, lr, steps))
+    fd = finite_difference_check(params, data, ways=ways, lr=lr, steps=steps, seed=seed)
+    out = {"float64": fd}
+    for name, g in grads.items():
+        err = rel_error(g, jax_grads)
         fd_err = fd[name]["rel_error_vs_fd"]
-        # float32 sums over 32 tasks agree to ~1e-3; float64 checks must agree to ~1e-6.
+        # float32 sums over the tasks agree to ~1e-3; float64 checks must agree to ~1e-6.
         ok = err < 1e-2 and fd_err < 1e-4
         out[name] = {
             "rel_error_vs_jax_float32": err,
-            "worst_leaf_vs_jax": max(per_leaf, key=per_leaf.get),
-            "worst_leaf_rel_error": max(per_leaf.values()),
             "rel_error_vs_fd_float64_softplus": fd_err,
-            "verdict": ("ok" if ok else "MISMATCH") + f": {err:.1e} off JAX (float32, 32 tasks), {fd_err:.1e} off "
-                       f"a float64 finite difference (softplus, {fd['tasks']} tasks)",
+            "verdict": ("ok" if ok else "MISMATCH") + f": {err:.1e} off JAX (float32, {meta['meta_batch']} tasks), "
+                       f"{fd_err:.1e} off a float64 finite difference (softplus, {fd['tasks']} tasks)",
             "ok": ok,
         }
-    return out, params, data
-
-
-# --------------------------------------------------------------------------- timing
-
-
-def time_styles(
-    params: dict,
-    data,
-    repeats: int = 5,
-    log: Callable[[str], None] = print,
-    others: dict[str, tuple[Callable[[], None], int]] | None = None,
-) -> dict:
-    """Times one full meta-step (meta-gradient + Adam) per style; ms per step.
-
-    ``others`` adds more contestants, ``name -> (run, meta-steps per run)``
-    (the JAX programs).  After one warm-up call each, the styles are timed
-    round-robin, ``repeats`` rounds, so that all of them see the same load on
-    a shared machine.
-    """
-    out = {}
-
-    from torch.func import grad
-
-    def func_style(plain_bn: bool):
-        # (a) torch.func: functional_call + grad-of-grad + vmap over tasks, Adam on module parameters.
-        model = Conv4(plain_bn=plain_bn)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                p.copy_(params[name])
-        opt = torch.optim.Adam(model.parameters(), lr=OUTER_LR)
-        meta_grad = grad(func_meta_loss_fn(model))
-
-        def func_step():
-            p = {k: v.detach() for k, v in model.named_parameters()}
-            g = meta_grad(p, *data)
-            for name, param in model.named_parameters():
-                param.grad = g[name]
-            opt.step()
-
-        return func_step
-
-    # (b) learn2learn-style loop with create_graph=True and a backward per task.
-    leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
-    opt_loop = torch.optim.Adam(list(leaves.values()), lr=OUTER_LR)
-
-    def loop_step():
-        opt_loop.zero_grad(set_to_none=True)
-        loop_meta_grad(leaves, data)
-        opt_loop.step()
-
-    contestants = {"torch_func": (func_style(False), 1), "torch_func_plain_bn": (func_style(True), 1),
-                   "autograd_loop": (loop_step, 1), **(others or {})}
-    times: dict[str, list[float]] = {name: [] for name in contestants}
-    log(f"warming up {', '.join(contestants)}")
-    for name, (step, _) in list(contestants.items()):
-        try:
-            step()
-        except Exception as e:  # noqa: BLE001 - report, do not crash the benchmark
-            out[name] = {"error": f"{type(e).__name__}: {e}"}
-            del contestants[name]
-    for r in range(repeats):
-        log(f"round {r + 1}/{repeats}")
-        for name, (step, per_call) in contestants.items():
-            t = time.perf_counter()
-            step()
-            times[name].append((time.perf_counter() - t) / per_call)
-    for name, (_, per_call) in contestants.items():
-        ms = [1e3 * t for t in times[name]]
-        q25, q75 = np.percentile(ms, [25, 75])
-        out[name] = {"ms_per_step": statistics.median(ms), "iqr": float(q75 - q25), "min": min(ms),
-                     "max": max(ms), "n": len(ms), "steps_per_call": per_call}
     return out
 
 
-def compare(
-    repeats: int = 5,
-    log: Callable[[str], None] = print,
-    seed: int = 0,
-    others: dict[str, tuple[Callable[[], None], int]] | None = None,
-) -> dict:
-    """Checks the torch styles' meta-gradients, then times them round-robin with ``others``.
+def make_step(style: str, meta: dict, params: dict, data) -> Callable[[], None]:
+    """One full meta-step of ``style`` (meta-gradient + Adam on the parameters) as a closure."""
+    ways, lr, steps, outer_lr = meta["ways"], meta["inner_lr"], meta["inner_steps"], meta["outer_lr"]
+    if style == "autograd_loop":
+        # learn2learn-style loop: create_graph=True and a backward per task.
+        leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+        opt = torch.optim.Adam(list(leaves.values()), lr=outer_lr)
 
-    Returns a JSON-ready report; ``styles`` holds the torch styles, ``others``
-    the extra contestants' timings.
-    """
-    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    torch.set_num_threads(threads)
-    log(f"torch {torch.__version__}, {torch.get_num_threads()} threads; checking meta-gradients")
-    checks, params, data = gradient_checks(seed)
-    for name in ("torch_func", "torch_func_plain_bn", "autograd_loop"):
-        log(f"{name}: {checks[name]['verdict']}")
-    timed = time_styles(params, data, repeats, log, others)
-    styles = {k: v for k, v in timed.items() if k in checks}
-    for name, row in styles.items():
-        row["grad_check"] = checks[name]
-        if not checks[name]["ok"]:
-            row["note"] = "meta-gradient does not match: timing reported but not trusted"
-    return {
-        "config": {"ways": WAYS, "shots": SHOTS, "queries": QUERIES, "meta_batch": BATCH, "inner_steps": 1,
-                   "inner_lr": INNER_LR, "outer": f"adam({OUTER_LR})", "second_order": True},
-        "torch_version": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "styles": styles,
-        "others": {k: v for k, v in timed.items() if k not in checks},
-        "float64_checks": checks["float64"],
-        "note": "torch timings use one fixed, pre-sampled task batch (no sampling cost); JAX samples on the device "
-                "inside the timed step and also computes the pre-adaptation query metrics",
-    }
+        def loop_step():
+            opt.zero_grad(set_to_none=True)
+            loop_meta_grad(leaves, data, lr=lr, steps=steps)
+            opt.step()
+
+        return loop_step
+    if style not in STYLES:
+        raise ValueError(f"unknown torch style {style!r}; choose from {', '.join(STYLES)}")
+    from torch.func import grad
+
+    # torch.func: functional_call + grad-of-grad + vmap over tasks, Adam on the module's parameters.
+    model = Conv4(ways, plain_bn=style == "torch_func_plain_bn")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(params[name])
+    opt = torch.optim.Adam(model.parameters(), lr=outer_lr)
+    meta_grad = grad(func_meta_loss_fn(model, lr, steps))
+
+    def func_step():
+        g = meta_grad({k: v.detach() for k, v in model.named_parameters()}, *data)
+        for name, param in model.named_parameters():
+            param.grad = g[name]
+        opt.step()
+
+    return func_step

@@ -308,3 +308,64 @@ def test_torch_reference_network_matches_jax():
                 p.copy_(tparams[name])
             np.testing.assert_allclose(net(tx).numpy(), expected, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(tr.functional_forward(tparams, tx).detach().numpy(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_named_settings_are_the_papers_steps_and_flags_override_them():
+    from experiments import benchmark
+
+    parse = lambda *a: benchmark.config_from_args(benchmark.build_parser().parse_args(list(a)))  # noqa: E731
+    c = parse("--setting", "maml-20w1s")
+    assert (c.task, c.algo, c.ways, c.shots, c.queries, c.meta_batch, c.inner_steps, c.effective_inner_lr) == (
+        "omniglot", "maml", 20, 1, 1, 16, 5, 0.1)
+    assert c.classes == bm.OMNIGLOT_TRAIN_CLASSES == 4400
+    c = parse("--setting", "maml-5w5s", "--meta-batch", "4", "--algo", "fomaml")
+    assert (c.ways, c.shots, c.queries, c.meta_batch, c.algo, c.effective_inner_lr) == (5, 5, 5, 4, "fomaml", 0.4)
+    c = parse("--setting", "translation")
+    assert (c.task, c.algo, c.inner_steps, c.shots, c.queries, c.meta_batch) == ("translation", "fomaml", 3, 16, 16, 4)
+    # Without a setting the old defaults hold (5-way 1-shot, 15 queries, B32, 1 step, a 1,200-class pool).
+    c = parse()
+    assert (c.ways, c.shots, c.queries, c.meta_batch, c.inner_steps, c.classes) == (5, 1, 15, 32, 1, 1200)
+    # The named settings' problems are sweep settings too; the grid sets algorithm and inner steps.
+    configs = bm.sweep_configs(("maml-5w1s",), ("maml",), (2,))
+    assert [(x.ways, x.queries, x.meta_batch, x.inner_steps, x.classes) for x in configs] == [
+        (5, 1, 32, 2, 4400), (5, 1, 32, 2, 4400)]
+
+
+def test_torch_comparison_runs_each_contestant_in_its_own_process():
+    """The orchestration of ``--torch`` (on the JAX contestant alone, so it runs without PyTorch)."""
+    import argparse
+
+    from experiments import benchmark
+
+    config = bm.protocol_config("maml-5w1s", meta_batch=2)
+    args = argparse.Namespace(setting="maml-5w1s", torch_threads=1, torch_repeats=3, torch_steps=2, torch_warmup=1)
+    report = benchmark.torch_comparison(config, args, contestants=("jax", "jax_loop"))
+    rows = report["jax"]
+    assert set(rows) == {"jax", "jax_loop"} and report["headline_jax"] == "jax_loop"
+    assert len({rows["jax"]["pid"], rows["jax_loop"]["pid"], os.getpid()}) == 3, "one process per contestant"
+    for row in rows.values():
+        assert row["n"] == 6 and row["ms_per_step"] > 0
+        assert row["min"] <= row["ms_per_step"] <= row["max"]
+    assert report["threads"] == 1 and report["config"]["meta_batch"] == 2 and report["config"]["inner_lr"] == 0.4
+    assert "own process" in report["method"]
+    assert "jaxmeta" in benchmark.torch_markdown(report)
+
+
+def test_torch_styles_match_jax_and_finite_differences_on_a_multi_step_episode(tmp_path):
+    """The PyTorch references at several inner steps: the gradient checks pass where they should and
+    catch torch.func's F.batch_norm (skips without torch)."""
+    pytest.importorskip("torch")
+    import argparse  # noqa: F401
+
+    from experiments import benchmark
+    from experiments import torch_reference as tr
+
+    config = bm.protocol_config("maml-20w1s", ways=5, meta_batch=3, inner_steps=2)
+    episode = str(tmp_path / "episode.npz")
+    benchmark.write_episode(config, episode)
+    meta, params, data, jax_grads = tr.load_episode(episode)
+    assert meta["inner_steps"] == 2 and data[0].shape == (3, 5, 1, 28, 28)
+    checks = tr.gradient_checks(meta, params, data, jax_grads)
+    assert checks["autograd_loop"]["ok"] and checks["torch_func_plain_bn"]["ok"], checks
+    assert checks["autograd_loop"]["rel_error_vs_jax_float32"] < 1e-4
+    assert not checks["torch_func"]["ok"], "torch.func through F.batch_norm should fail its check"
