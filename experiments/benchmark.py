@@ -1,5 +1,7 @@
 """Meta-step performance: compile time, step time, peak memory, FLOPs, fraction of the matmul peak.
 
+    python -m experiments.benchmark --setting maml-5w1s|maml-5w5s|maml-20w1s|maml-5w1s-q15|translation
+        [--profile] [--torch] [--json OUT]
     python -m experiments.benchmark --task sinusoid|omniglot|translation [--ways N] [--shots K] [--queries Q]
         [--meta-batch B] [--inner-steps S] [--algo maml|fomaml|reptile|pretrain|...] [--remat]
         [--chunk-size C] [--conv-impl auto|patches|native] [--json OUT] [--torch]
@@ -27,9 +29,12 @@ sinusoid, and writes ``DIR/sweep.json``, ``DIR/sweep.md``,
 second one for the rest) into one report, keeping each configuration's first
 measurement.
 
-``--torch`` (needs PyTorch) adds the PyTorch reference of the Omniglot 5-way
-1-shot B32 Q15 one-step second-order MAML step (torch.func and an autograd
-loop), checks its meta-gradient against JAX's, and reports JAX/torch ratios.
+``--setting NAME`` picks a paper's training step (see
+:data:`jaxmeta.benchmarking.PROTOCOLS`); ``--profile`` times every op of the
+compiled step.  ``--torch`` (needs PyTorch) compares the setting's exact
+second-order MAML step with PyTorch's, each contestant alone in its own
+process (:mod:`experiments.contestant`), alternated, after checking the
+PyTorch meta-gradients against JAX's and a finite difference in float64.
 """
 
 from __future__ import annotations
@@ -161,6 +166,9 @@ def _torch_module():
     return torch_reference
 
 
+CHECK_TASKS = 2
+"""Tasks of the float64 gradient checks."""
+
 CONTESTANTS = ("jax", "jax_loop", "autograd_loop", "torch_func_plain_bn")
 """The contestants of ``--torch``, each timed in its own process (see :mod:`experiments.contestant`).
 
@@ -187,16 +195,23 @@ def write_episode(config, path: str) -> dict:
     problem = bm.build_problem(config)
     tasks = jax.jit(problem.sample)(jax.random.PRNGKey(config.seed + 2), problem.data)
     model = conv4_omniglot(config.ways)
-    grads = jax.jit(lambda p, t: jax.grad(maml_loss, argnums=1)(
-        classification_loss(model), p, t, steps=config.inner_steps, lr=config.effective_inner_lr,
-        has_aux=True))(problem.params, tasks)
+    meta_grad = jax.jit(lambda p, t: jax.grad(maml_loss, argnums=1)(
+        classification_loss(model), p, t, steps=config.inner_steps, lr=config.effective_inner_lr, has_aux=True))
+    grads = meta_grad(problem.params, tasks)
+    # JAX's float64 meta-gradient on the first CHECK_TASKS tasks: PyTorch's float64 gradients of the same
+    # tasks must match it to rounding, whatever float32 makes of a many-step ReLU meta-loss.
+    with jax.enable_x64(True):
+        first = jax.tree.map(lambda a: np.asarray(a)[:CHECK_TASKS], tasks)
+        first = type(tasks)(*[(np.asarray(x, np.float64), y) for x, y in first])
+        params64 = jax.tree.map(lambda a: np.asarray(a, np.float64), problem.params)
+        grads64 = jax.tree.map(np.asarray, meta_grad(params64, first))
     meta = {"ways": config.ways, "shots": config.shots, "queries": config.queries, "meta_batch": config.meta_batch,
             "inner_steps": config.inner_steps, "inner_lr": config.effective_inner_lr, "outer_lr": config.outer_lr,
-            "second_order": True, "outer": f"adam({config.outer_lr})"}
+            "second_order": True, "outer": f"adam({config.outer_lr})", "check_tasks": CHECK_TASKS}
     arrays = {"meta": np.array(json.dumps(meta)),
               "support_x": tasks.support[0], "support_y": tasks.support[1],
               "query_x": tasks.query[0], "query_y": tasks.query[1]}
-    for prefix, tree in (("param", problem.params), ("grad", grads)):
+    for prefix, tree in (("param", problem.params), ("grad", grads), ("grad64", grads64)):
         for layer, leaves in tree.items():
             for leaf, value in leaves.items():
                 arrays[f"{prefix}/{layer}/{leaf}"] = np.asarray(value)
@@ -248,6 +263,12 @@ class _Contestant:
         self.stderr.close()
 
 
+def check_torch_config(config) -> None:
+    """Refuses, in one line, a configuration the PyTorch references do not implement."""
+    if config.task != "omniglot" or config.algo != "maml" or config.remat or config.chunk_size:
+        raise ConfigError("--torch compares exact second-order MAML on Omniglot (no --remat, no --chunk-size)")
+
+
 def torch_comparison(config, args, *, contestants: Sequence[str] = CONTESTANTS) -> dict:
     """Times JAX and the PyTorch styles on one setting, each in its own process, alternated.
 
@@ -269,8 +290,7 @@ def torch_comparison(config, args, *, contestants: Sequence[str] = CONTESTANTS) 
 
     from jaxmeta import benchmarking as bm
 
-    if config.task != "omniglot" or config.algo != "maml" or config.remat or config.chunk_size:
-        raise ConfigError("--torch compares exact second-order MAML on Omniglot (no --remat, no --chunk-size)")
+    check_torch_config(config)
     threads = args.torch_threads or bm._cpu_count()
     log = lambda m: _say(f"[torch] {m}")  # noqa: E731
     with tempfile.TemporaryDirectory(prefix="jaxmeta-torch-") as tmp:
@@ -361,8 +381,9 @@ def run_single(args) -> dict:
     from jaxmeta.io import write_json
 
     config = config_from_args(args)
-    if args.torch:
-        _torch_module()  # fail early, before minutes of JAX measurements
+    if args.torch:  # fail early, before minutes of JAX measurements
+        check_torch_config(config)
+        _torch_module()
     if args.json:
         writable_dir(os.path.dirname(os.path.abspath(args.json)))
     _say("measuring the fp32 matmul peak")

@@ -209,7 +209,7 @@ def _np(d: dict) -> dict:
 
 
 def finite_difference_check(params32: dict, data32, *, ways: int, lr: float, steps: int, tasks: int = 2,
-                            eps: float = 1e-5, seed: int = 0) -> dict:
+                            eps: float = 1e-5, seed: int = 0, jax_grads64: dict | None = None) -> dict:
     """Float64 checks on the first ``tasks`` tasks: the styles against each other and against a
     central finite difference.
 
@@ -219,7 +219,8 @@ def finite_difference_check(params32: dict, data32, *, ways: int, lr: float, ste
     converge (it grows as ``eps`` shrinks).  The finite-difference check is
     therefore made with a smooth activation (softplus) in the same code —
     that exercises every second-order term, batch norm's included; with the
-    real ReLU the styles are compared with each other in float64.
+    real ReLU the styles are compared with each other in float64, and with
+    ``jax_grads64`` (JAX's float64 meta-gradient of the same tasks) when given.
     """
     gen = torch.Generator().manual_seed(seed)
     data = tuple(d[:tasks].double() if d.is_floating_point() else d[:tasks] for d in data32)
@@ -241,6 +242,12 @@ def finite_difference_check(params32: dict, data32, *, ways: int, lr: float, ste
     relu = styles(F.relu)
     out["relu_func_vs_loop_rel_error"] = rel_error(relu["torch_func"], relu["autograd_loop"])
     out["relu_func_plain_bn_vs_loop_rel_error"] = rel_error(relu["torch_func_plain_bn"], relu["autograd_loop"])
+    if jax_grads64 is not None:
+        out["relu_vs_jax_float64"] = {name: rel_error(g, jax_grads64) for name, g in relu.items()}
+    # How far float32 alone moves this meta-gradient (a many-step ReLU meta-loss amplifies rounding).
+    _, g32 = loop_meta_grad({k: v.detach().clone().requires_grad_(True) for k, v in params32.items()},
+                            tuple(d[:tasks] for d in data32), lr=lr, steps=steps, backward=False)
+    out["float32_noise_rel_error"] = rel_error(_np(g32), relu["autograd_loop"])
 
     def meta_loss(p):
         total, _ = loop_meta_grad({k: v.clone().requires_grad_(True) for k, v in p.items()}, data,
@@ -273,6 +280,7 @@ def load_episode(path: str):
                     if f"{prefix}/{layer}/{leaf}" in f}
             for layer in [f"conv_{k}" for k in range(4)] + [f"bn_{k}" for k in range(4)] + ["head"]}
         params, grads = params_from_jax(tree("param")), grads_to_torch_layout(tree("grad"))
+        meta["jax_grads_float64"] = grads_to_torch_layout(tree("grad64"))
         data = tasks_to_torch(((f["support_x"], f["support_y"]), (f["query_x"], f["query_y"])))
     return meta, params, data, grads
 
@@ -291,18 +299,25 @@ def gradient_checks(meta: dict, params: dict, data, jax_grads: dict, seed: int =
     for name, plain in (("torch_func", False), ("torch_func_plain_bn", True)):
         grads[name] = _np(func_meta_grad(Conv4(ways, plain_bn=plain), {k: v.clone() for k, v in params.items()},
                                          data, lr, steps))
-    fd = finite_difference_check(params, data, ways=ways, lr=lr, steps=steps, seed=seed)
+    fd = finite_difference_check(params, data, ways=ways, lr=lr, steps=steps, seed=seed,
+                                 tasks=meta.get("check_tasks", 2), jax_grads64=meta.get("jax_grads_float64"))
     out = {"float64": fd}
     for name, g in grads.items():
         err = rel_error(g, jax_grads)
         fd_err = fd[name]["rel_error_vs_fd"]
-        # float32 sums over the tasks agree to ~1e-3; float64 checks must agree to ~1e-6.
-        ok = err < 1e-2 and fd_err < 1e-4
+        jax64 = fd.get("relu_vs_jax_float64", {}).get(name)
+        # The verdict is made in float64, where correct gradients agree to rounding (~1e-10): with JAX's own
+        # float64 meta-gradient (ReLU) and with a finite difference (softplus).  The float32 difference over all
+        # tasks is reported beside it: over several inner steps a ReLU meta-loss amplifies float32 rounding.
+        ok = fd_err < 1e-4 and (jax64 is None or jax64 < 1e-6)
         out[name] = {
             "rel_error_vs_jax_float32": err,
+            "rel_error_vs_jax_float64": jax64,
             "rel_error_vs_fd_float64_softplus": fd_err,
-            "verdict": ("ok" if ok else "MISMATCH") + f": {err:.1e} off JAX (float32, {meta['meta_batch']} tasks), "
-                       f"{fd_err:.1e} off a float64 finite difference (softplus, {fd['tasks']} tasks)",
+            "verdict": ("ok" if ok else "MISMATCH") + (f": {jax64:.1e} off JAX in float64" if jax64 is not None
+                                                       else "") + f", {fd_err:.1e} off a float64 finite "
+                       f"difference (softplus, {fd['tasks']} tasks); float32 {err:.1e} off JAX "
+                       f"({meta['meta_batch']} tasks; float32 alone moves it {fd['float32_noise_rel_error']:.1e})",
             "ok": ok,
         }
     return out
