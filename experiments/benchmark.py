@@ -297,7 +297,7 @@ def torch_comparison(config, args, *, contestants: Sequence[str] = CONTESTANTS) 
         episode = os.path.join(tmp, "episode.npz")
         meta = write_episode(config, episode)
         checks: dict = {}
-        if any(c != "jax" for c in contestants):
+        if any(not c.startswith("jax") for c in contestants):
             log("checking the PyTorch meta-gradients against JAX's and a float64 finite difference")
             done = subprocess.run([sys.executable, "-m", "experiments.contestant", "--check", "--episode", episode,
                                    "--threads", str(threads)], capture_output=True, text=True, timeout=3600,
