@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from typing import Callable, Sequence
 
-from jaxmeta.errors import ConfigError, JaxmetaError
+from jaxmeta.errors import ConfigError, JaxmetaError, JaxmetaWarning
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -100,11 +101,44 @@ def quiet_libraries() -> None:
     logging.getLogger("absl").setLevel(logging.CRITICAL)
 
 
+def _one_line_warnings() -> None:
+    """Shows every :class:`JaxmetaWarning` as one ``warning: ...`` line on stderr."""
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, JaxmetaWarning):
+            print(f"warning: {message}", file=sys.stderr, flush=True)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    warnings.simplefilter("always", JaxmetaWarning)
+
+
 def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> None:
-    """Runs ``main(argv)``; user-facing errors become one line on stderr and exit code 2."""
+    """Runs ``main(argv)``; user-facing errors become one line on stderr and exit code 2.
+
+    Training stopped by a signal (:class:`~jaxmeta.training.Interrupted`)
+    prints one line naming the checkpoint and the command that resumes it
+    (this program as it was started, its arguments, ``--resume``) and exits
+    with ``128 + signum`` (143 for SIGTERM, 130 for SIGINT).
+    """
     quiet_libraries()
+    _one_line_warnings()
+    from jaxmeta.training import Interrupted  # here, not at the top: argparse helpers stay free of JAX
+
     try:
         main(argv)
+    except Interrupted as e:
+        import shlex
+
+        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+        program = ["-m", spec.name] if spec is not None and spec.name else [sys.argv[0]]
+        args = list(sys.argv[1:] if argv is None else argv)
+        args += [] if "--resume" in args else ["--resume"]
+        resume = f"; resume with: {shlex.join([sys.executable, *program, *args])}" if e.checkpoint else ""
+        print(f"{e}{resume}", file=sys.stderr, flush=True)
+        sys.exit(128 + e.signum)
     except JaxmetaError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

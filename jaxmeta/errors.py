@@ -1,4 +1,8 @@
-"""Errors that the command-line tools turn into one clear line and exit code 2."""
+"""Errors (and warnings) that the command-line tools turn into one clear line.
+
+An error exits with code 2; a :class:`JaxmetaWarning` prints ``warning: ...`` and the
+program goes on.
+"""
 
 from __future__ import annotations
 
@@ -17,3 +21,8 @@ class DataError(JaxmetaError):
 
 class CheckpointError(JaxmetaError):
     """A checkpoint that is missing, corrupt or does not match the configuration."""
+
+
+class JaxmetaWarning(UserWarning):
+    """Something the user should know that does not stop the program (a damaged
+    checkpoint skipped, a run's data differing from the data at hand)."""

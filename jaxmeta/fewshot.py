@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 from typing import Callable, NamedTuple
 
 import jax
@@ -27,9 +28,9 @@ import numpy as np
 from jaxmeta import checkpoint as ckpt
 from jaxmeta.algorithms.anil import flax_anil_fns
 from jaxmeta.algorithms.registry import ALGORITHMS, adapt_learner, evaluate_learner, make_learner
-from jaxmeta.data import episodes
+from jaxmeta.data import episodes, provenance
 from jaxmeta.distributed import check_meta_batch, task_mesh
-from jaxmeta.errors import CheckpointError, ConfigError, DataError
+from jaxmeta.errors import CheckpointError, ConfigError, DataError, JaxmetaWarning
 from jaxmeta.io import read_jsonl, save_figure, write_json
 from jaxmeta.models import classification_loss, conv4_miniimagenet, conv4_omniglot
 from jaxmeta.training import METRICS_FILE, init_train_state, steady_step_ms, train
@@ -50,18 +51,33 @@ class Dataset(NamedTuple):
       model: ``model(ways, conv_impl) -> flax module``.
       preprocess: PIL image → one example ``[H, W, C]`` (for user episodes).
       normalize: applied on device to sampled images (``None``: use as is).
+      identity: ``identity(config) -> dict``, the source files' names, sizes and
+        SHA-256 (:mod:`jaxmeta.data.provenance`), recorded in ``config.json``.
     """
 
     load: Callable
     model: Callable
     preprocess: Callable
     normalize: Callable | None
+    identity: Callable
 
 
 def _load_omniglot(config: FewShotConfig):
     from jaxmeta.data import omniglot
 
     return omniglot.load(config.split, data_dir=config.data_dir, cache_dir=config.cache_dir)
+
+
+def _omniglot_identity(config: FewShotConfig) -> dict:
+    from jaxmeta.data import omniglot
+
+    return omniglot.source_identity(config.data_dir, config.cache_dir)
+
+
+def _miniimagenet_identity(config: FewShotConfig) -> dict:
+    from jaxmeta.data import miniimagenet
+
+    return miniimagenet.source_identity(config.data_dir)
 
 
 def _load_miniimagenet(config: FewShotConfig):
@@ -89,9 +105,9 @@ def _miniimagenet_normalize(x):
 
 
 DATASETS = {
-    "omniglot": Dataset(_load_omniglot, conv4_omniglot, _omniglot_preprocess, None),
+    "omniglot": Dataset(_load_omniglot, conv4_omniglot, _omniglot_preprocess, None, _omniglot_identity),
     "miniimagenet": Dataset(_load_miniimagenet, conv4_miniimagenet, _miniimagenet_preprocess,
-                            _miniimagenet_normalize),
+                            _miniimagenet_normalize, _miniimagenet_identity),
 }
 
 
@@ -282,8 +298,7 @@ def score(config: FewShotConfig, loss_fn, meta_params, tasks, steps: int) -> dic
     }
 
 
-def read_config(run_dir: str) -> FewShotConfig:
-    """The configuration saved in a run directory."""
+def _read_config_file(run_dir: str) -> dict:
     path = os.path.join(run_dir, CONFIG_FILE)
     if not os.path.isdir(run_dir):
         raise CheckpointError(f"run directory {run_dir} does not exist")
@@ -292,9 +307,42 @@ def read_config(run_dir: str) -> FewShotConfig:
     try:
         with open(path, encoding="utf-8") as f:
             raw = json.load(f)
-        return FewShotConfig(**raw)
+        if not isinstance(raw, dict):
+            raise TypeError("expected a JSON object")
+        return raw
     except (json.JSONDecodeError, TypeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is corrupt: {e}") from None
+
+
+def read_config(run_dir: str) -> FewShotConfig:
+    """The configuration saved in a run directory."""
+    raw = _read_config_file(run_dir)
+    raw.pop("data", None)
+    try:
+        return FewShotConfig(**raw)
+    except TypeError as e:
+        raise CheckpointError(f"{os.path.join(run_dir, CONFIG_FILE)} is corrupt: {e}") from None
+
+
+def read_data_identity(run_dir: str) -> dict | None:
+    """The identity of the data a run was trained on (``None`` for runs older than the record)."""
+    return _read_config_file(run_dir).get("data")
+
+
+def warn_if_data_differs(run_dir: str, config: FewShotConfig, *, what: str = "evaluating") -> dict | None:
+    """Warns (:class:`~jaxmeta.errors.JaxmetaWarning`) when the data at hand are not the run's.
+
+    Returns the identity of the data at hand (``None`` when there are none to compare).
+    """
+    try:
+        current = DATASETS[config.dataset].identity(config)
+    except DataError:
+        return None  # no data at hand (an episode needs none): nothing to compare
+    differs = provenance.describe_differences(read_data_identity(run_dir), current)
+    if differs:
+        warnings.warn(f"{what} {run_dir} with {config.dataset} data other than it was trained on: {differs}",
+                      JaxmetaWarning, stacklevel=2)
+    return current
 
 
 def load_params(run_dir: str, config: FewShotConfig, model, example_shape):
@@ -334,15 +382,19 @@ def train_and_evaluate(config: FewShotConfig, run_dir: str, *, resume: bool = Fa
         differ = ckpt.identity_differences(ckpt.read_identity(run_dir), config.identity())
         if differ:
             raise CheckpointError(f"checkpoint in {run_dir} is from a different configuration ({', '.join(differ)})")
-        if existing >= config.meta_steps:
-            raise ConfigError(f"{run_dir} already ran {existing} meta-steps; ask for more with --meta-steps")
+        good = ckpt.latest_good_step(run_dir)  # a damaged newest step falls back to the one before
+        if good is not None and good >= config.meta_steps:
+            raise ConfigError(f"{run_dir} already ran {good} meta-steps; ask for more with --meta-steps")
     elif existing is not None:
         raise CheckpointError(
             f"{run_dir} already holds a run (checkpoint at step {existing}): pass --resume or choose another --out"
         )
+    if resume:
+        warn_if_data_differs(run_dir, config, what="resuming")
     train_images, val_images, test_images = load_data(config)
     config.validate_data(train_images, test_images)
-    write_json(os.path.join(run_dir, CONFIG_FILE), dataclasses.asdict(config))
+    data = DATASETS[config.dataset].identity(config)
+    write_json(os.path.join(run_dir, CONFIG_FILE), {**dataclasses.asdict(config), "data": data})
 
     model, loss_fn, learner = build(config)
     params = init_params(config, model, train_images.shape[2:])
@@ -401,6 +453,7 @@ def evaluate_run(run_dir: str, *, tasks: int | None = None, inner_steps: int | N
         config = dataclasses.replace(config, eval_queries=eval_queries)
     steps = config.test_inner_steps if inner_steps is None else inner_steps
     config.validate()
+    warn_if_data_differs(run_dir, config)
     _, _, test_images = load_data(config)
     config.validate_test(test_images)
     model, loss_fn, _ = build(config)
@@ -424,6 +477,7 @@ def episode(run_dir: str, support_dir: str, query_dir: str, *, inner_steps: int 
 
     config = read_config(run_dir)
     spec = DATASETS[config.dataset]
+    warn_if_data_differs(run_dir, config, what="adapting")
     task, class_names, query_paths = load_folder_episode(support_dir, query_dir, spec.preprocess)
     if len(class_names) > config.ways:
         raise DataError(f"the episode has {len(class_names)} classes but {run_dir} was meta-trained for "

@@ -6,13 +6,23 @@ transfers vanish from the step time.  Around it: a progress bar, metrics in
 ``RUN/metrics.jsonl`` (rewritten atomically), periodic validation, Orbax
 checkpoints of the whole state (parameters, optimiser, step, PRNG key), exact
 resume, and a guard that keeps non-finite updates away from the parameters.
+
+Faults end in one clear error with the last good checkpoint kept: SIGTERM or
+SIGINT (a preemption, Ctrl-C) stops after the current dispatch with a
+checkpoint at that step (:class:`Interrupted`); a full disk stops with a
+:class:`~jaxmeta.errors.CheckpointError`; a resume skips a damaged newest
+checkpoint and sets it aside.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
+import signal
+import threading
 import time
+import warnings
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -23,7 +33,7 @@ from jax.sharding import Mesh
 from jaxmeta import checkpoint as ckpt
 from jaxmeta.algorithms.base import MetaLearner, MetaState
 from jaxmeta.distributed import replicate, shard_tasks
-from jaxmeta.errors import CheckpointError, JaxmetaError
+from jaxmeta.errors import CheckpointError, JaxmetaError, JaxmetaWarning
 from jaxmeta.io import read_jsonl, write_jsonl
 from jaxmeta.types import Params, PRNGKey, Task
 
@@ -50,6 +60,29 @@ class TrainState(NamedTuple):
 
 class TrainingDiverged(JaxmetaError):
     """Too many consecutive meta-steps gave a non-finite loss or update."""
+
+
+class Interrupted(JaxmetaError):
+    """Training stopped by SIGTERM or SIGINT, at a meta-step whose state was checkpointed.
+
+    Attributes:
+      signal_name: ``"SIGTERM"`` or ``"SIGINT"``.
+      step: the meta-step reached (logged, and checkpointed with an output directory).
+      checkpoint: the checkpoint directory of ``step`` (``None`` without an output directory).
+    """
+
+    def __init__(self, signal_name: str, step: int, checkpoint: str | None):
+        self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
+        saved = f"checkpoint {checkpoint}" if checkpoint else "nothing saved (no output directory)"
+        super().__init__(f"interrupted by {signal_name} at meta-step {step}; {saved}")
+
+    @property
+    def signum(self) -> int:
+        """The signal's number (the conventional exit code is ``128 + signum``)."""
+        return int(signal.Signals[self.signal_name])
+
+    def __reduce__(self):
+        return type(self), (self.signal_name, self.step, self.checkpoint)
 
 
 class TrainResult(NamedTuple):
@@ -156,6 +189,78 @@ def _diverged_message(first: int, last: int, limit: int, ckpt_step: int | None) 
     )
 
 
+class _StopRequests:
+    """While active, SIGTERM and SIGINT only note that a stop was asked for (:attr:`signum`).
+
+    A SIGINT while a stop is pending restores the previous handlers and raises
+    :class:`KeyboardInterrupt` at once (a user forcing the quit). Handlers can
+    only be installed from the main thread: elsewhere this does nothing.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopRequests":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                try:
+                    self._previous[sig] = signal.signal(sig, self._handle)
+                except (ValueError, OSError):  # not the main interpreter, or no such signal here
+                    pass
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        self._previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.signum is not None:
+            self._restore()
+            raise KeyboardInterrupt
+        if self.signum is None:
+            self.signum = signum
+
+
+def _os_error_reason(e: BaseException) -> str | None:
+    """The operating-system error behind ``e`` (``"No space left on device"``), or ``None``.
+
+    Orbax raises the ``OSError`` itself or chains it; TensorStore raises a
+    ``ValueError`` whose text carries ``[os_error_code='28']``.
+    """
+    seen = set()
+    cause: BaseException | None = e
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, OSError):
+            return cause.strerror or str(cause) or type(cause).__name__
+        found = re.search(r"os_error_code='?(\d+)", str(cause))
+        if found:
+            return os.strerror(int(found.group(1)))
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
+def _written(what: str, step: int, out_dir: str, last_ckpt: int | None, write: Callable[[], None]) -> None:
+    """Runs ``write()``; an operating-system failure (a full disk) becomes one :class:`CheckpointError`."""
+    try:
+        write()
+    except Exception as e:  # noqa: BLE001 - only OS-level failures are translated, the rest propagates
+        reason = _os_error_reason(e)
+        if reason is None:
+            raise
+        kept = (f"the checkpoint at step {last_ckpt} is intact" if last_ckpt is not None
+                else "no checkpoint was written yet")
+        raise CheckpointError(
+            f"cannot write {what} at meta-step {step} in {out_dir}: {reason}; {kept}") from e
+
+
 def train(
     learner: MetaLearner,
     params: Params,
@@ -197,7 +302,9 @@ def train(
         final step is always checkpointed when ``out_dir`` is given.
       keep_checkpoints: how many checkpoints to keep.
       resume: continue from the newest checkpoint in ``out_dir`` (from scratch
-        when there is none).
+        when there is none). Damaged newer checkpoints (see
+        :func:`jaxmeta.checkpoint.restore`) are moved to
+        ``out_dir/damaged-checkpoints/`` with a warning.
       identity: the run's model/task configuration, stored with checkpoints;
         resuming from a checkpoint with a different one is refused.
       max_bad_steps: stop after this many consecutive non-finite meta-steps.
@@ -212,7 +319,13 @@ def train(
 
     Raises:
       TrainingDiverged: ``max_bad_steps`` consecutive non-finite meta-steps.
-      CheckpointError: resuming from a missing or mismatched checkpoint.
+      CheckpointError: resuming from a missing or mismatched checkpoint, or
+        ``metrics.jsonl`` or a checkpoint could not be written (a full disk).
+      Interrupted: SIGTERM or SIGINT arrived (when called from the main
+        thread): the current dispatch finished, was logged and checkpointed,
+        and resuming continues exactly. A second SIGINT quits at once
+        (``KeyboardInterrupt``). A signal during the final dispatch is
+        delivered again once training is complete.
     """
     from tqdm.auto import tqdm
 
@@ -232,6 +345,10 @@ def train(
             )
         if resume and existing is not None:
             last_ckpt, state = ckpt.restore(out_dir, jax.eval_shape(lambda: state), identity)
+            newer = [s for s in ckpt.steps(out_dir) if s > last_ckpt]  # damaged: restore fell back past them
+            for path in ckpt.set_aside(out_dir, newer):
+                warnings.warn(f"moved damaged checkpoint to {path}; resuming from step {last_ckpt}",
+                              JaxmetaWarning, stacklevel=2)
             history = [row for row in read_jsonl(metrics_path) if row["step"] <= last_ckpt]
         mngr = ckpt.manager(out_dir, keep=keep_checkpoints)
 
@@ -246,34 +363,48 @@ def train(
     started = time.perf_counter()
     step_ms: list[float] = []
     bar = tqdm(total=meta_steps, initial=start_step, desc=desc, disable=not progress, dynamic_ncols=True)
+
+    def save(step):
+        _written("the checkpoint", step, out_dir, last_ckpt, lambda: ckpt.save(mngr, step, state, identity))
+        return step
+
+    stop = _StopRequests()
     try:
-        while int(state.step) < meta_steps:
-            step = int(state.step)
-            n = min(log_every - step % log_every, meta_steps - step)
-            dispatched = time.perf_counter()
-            state, metrics = run_chunk(state, data, n)
-            metrics = jax.device_get(metrics)
-            step_ms.append(1e3 * (time.perf_counter() - dispatched) / n)
-            step = int(state.step)
-            row = {"step": step, **{f"train/{k}": v for k, v in summarize_chunk(metrics).items()}}
-            if int(state.bad_streak) >= max_bad_steps:
-                first_bad = step - int(state.bad_streak) + 1
-                raise TrainingDiverged(_diverged_message(first_bad, step, max_bad_steps, last_ckpt))
-            final = step >= meta_steps
-            if validate is not None and (final or (validate_every and step % validate_every == 0)):
-                row.update({f"val/{k}": float(v) for k, v in validate(state.meta.params).items()})
-            history.append(row)
-            if metrics_path is not None:
-                write_jsonl(metrics_path, history)
-            if mngr is not None and (final or (checkpoint_every and step % checkpoint_every == 0)):
-                ckpt.save(mngr, step, state, identity)
-                last_ckpt = step
-            bar.update(n)
-            bar.set_postfix(_postfix(row), refresh=False)
+        with stop:
+            while int(state.step) < meta_steps:
+                step = int(state.step)
+                n = min(log_every - step % log_every, meta_steps - step)
+                dispatched = time.perf_counter()
+                state, metrics = run_chunk(state, data, n)
+                metrics = jax.device_get(metrics)
+                step_ms.append(1e3 * (time.perf_counter() - dispatched) / n)
+                step = int(state.step)
+                row = {"step": step, **{f"train/{k}": v for k, v in summarize_chunk(metrics).items()}}
+                if int(state.bad_streak) >= max_bad_steps:
+                    first_bad = step - int(state.bad_streak) + 1
+                    raise TrainingDiverged(_diverged_message(first_bad, step, max_bad_steps, last_ckpt))
+                final = step >= meta_steps
+                if validate is not None and (final or (validate_every and step % validate_every == 0)):
+                    row.update({f"val/{k}": float(v) for k, v in validate(state.meta.params).items()})
+                history.append(row)
+                if metrics_path is not None:
+                    _written(METRICS_FILE, step, out_dir, last_ckpt,
+                             lambda: write_jsonl(metrics_path, history))
+                if mngr is not None and (final or (checkpoint_every and step % checkpoint_every == 0)):
+                    last_ckpt = save(step)
+                bar.update(n)
+                bar.set_postfix(_postfix(row), refresh=False)
+                if stop.signum is not None and not final:
+                    if mngr is not None and last_ckpt != step:
+                        last_ckpt = save(step)
+                    where = None if mngr is None else os.path.join(out_dir, ckpt.CHECKPOINT_DIR, str(step))
+                    raise Interrupted(signal.Signals(stop.signum).name, step, where)
     finally:
         bar.close()
         if mngr is not None:
             mngr.close()
+    if stop.signum is not None:  # it arrived during the final dispatch: training is complete, now obey it
+        signal.raise_signal(stop.signum)
     return TrainResult(state, history, time.perf_counter() - started, step_ms)
 
 

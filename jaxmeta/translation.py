@@ -20,6 +20,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 
 import jax
@@ -30,8 +31,9 @@ import optax
 from jaxmeta import checkpoint as ckpt
 from jaxmeta.algorithms.pretrain import pretrain
 from jaxmeta.algorithms.registry import make_learner
+from jaxmeta.data import provenance
 from jaxmeta.data import translation as tdata
-from jaxmeta.errors import CheckpointError, ConfigError, DataError
+from jaxmeta.errors import CheckpointError, ConfigError, DataError, JaxmetaWarning
 from jaxmeta.evaluation import evaluate
 from jaxmeta.io import atomic_write_text, read_jsonl, save_figure, write_json, write_jsonl
 from jaxmeta.models.transformer import (
@@ -298,6 +300,21 @@ def read_config(run_dir: str) -> TranslationConfig:
     return TranslationConfig(**raw)
 
 
+def warn_if_data_differs(run_dir: str, config: TranslationConfig, codes: Sequence[str]) -> None:
+    """Warns (:class:`~jaxmeta.errors.JaxmetaWarning`) when the files of ``codes`` at hand are not
+    those the run read (runs older than the record, or languages it never read, pass silently)."""
+    with open(os.path.join(run_dir, CONFIG_FILE)) as f:
+        recorded = json.load(f).get("data")
+    if not recorded:
+        return
+    seen = [c for c in codes if f"tatoeba/{c}.tsv.gz" in recorded["files"]]
+    current = tdata.corpus_identity(config.data_dir or tdata.default_data_dir(), seen)
+    recorded = {**recorded, "files": {k: v for k, v in recorded["files"].items() if k in current["files"]}}
+    differs = provenance.describe_differences(recorded, current)
+    if differs:
+        warnings.warn(f"{run_dir} was trained on other translation data: {differs}", JaxmetaWarning, stacklevel=2)
+
+
 def meta_train(config: TranslationConfig, run_dir: str, *, resume: bool = False, progress: bool = True) -> dict:
     """Meta-trains (or pre-trains) an initialisation; validation languages pick the checkpoint.
 
@@ -316,11 +333,14 @@ def meta_train(config: TranslationConfig, run_dir: str, *, resume: bool = False,
         raise ConfigError(f"{run_dir} already holds a run: pass --resume or choose another --out")
     if os.path.isfile(existing) and read_config(run_dir).identity() != config.identity():
         raise ConfigError(f"{run_dir} holds a run with another configuration; choose another --out")
+    codes = config.meta_langs + config.val_langs + config.target_langs
+    if os.path.isfile(existing):
+        warn_if_data_differs(run_dir, config, codes)
     corpus = load_corpus(config)
     model, loss_fn = build(config)
     params = init_params(model, jax.random.PRNGKey(config.seed))
     os.makedirs(run_dir, exist_ok=True)
-    write_json(existing, dataclasses.asdict(config))
+    write_json(existing, {**dataclasses.asdict(config), "data": tdata.corpus_identity(config.data_dir, codes)})
     meta_steps = 0 if config.algo == "scratch" else config.meta_steps
     data = jax.device_put(tdata.language_arrays([corpus.train(c) for c in config.meta_langs], config.max_len))
     _check_task_sizes(config, data["count"], config.meta_langs)
@@ -1006,6 +1026,7 @@ def finetune_one(run_dir: str, lang: str, size: str, *, seed: int = 0, lr: float
     config = dataclasses.replace(config, target_langs=(lang,))
     config = config.resolved()
     n = parse_size(size)
+    warn_if_data_differs(run_dir, config, config.val_langs + (lang,))
     corpus = held_out_corpus(config)
     pairs = training_subset(config, corpus, lang, n, seed)
     dev = dev_subset(config, corpus, lang)
@@ -1040,6 +1061,7 @@ def translate(run_dir: str, lang: str, texts: Sequence[str]) -> list[str]:
     _whole_run(run_dir)
     config, params = load_initialisation(run_dir)
     tdata.check_languages(config.data_dir or tdata.default_data_dir(), [lang])
+    warn_if_data_differs(run_dir, config, (lang,))
     folder = os.path.join(run_dir, "finetuned")
     candidates = []
     if os.path.isdir(folder):

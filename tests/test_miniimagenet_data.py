@@ -6,6 +6,7 @@ import csv
 import os
 import pickle
 import subprocess
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -15,8 +16,10 @@ import pytest
 from PIL import Image
 
 from jaxmeta.data import miniimagenet as mi
-from jaxmeta.errors import DataError
+from jaxmeta.errors import DataError, JaxmetaWarning
 from miniimagenet_fixtures import make_synthetic_miniimagenet, synthetic_images
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # The synthetic sets are deliberately not 64/16/20 classes; that warning has its own test.
 pytestmark = pytest.mark.filterwarnings("ignore:Mini-ImageNet .* split has .* classes")
@@ -136,8 +139,9 @@ def test_cache_second_load_reads_cache(
     first = mi.load(data_dir=csv_root, cache_dir=cache)
     t_first = time.perf_counter() - t0
     files = sorted(p.name for p in cache.iterdir())
-    assert len(files) == 1
-    assert files[0].startswith("miniimagenet-csv-") and files[0].endswith(".npz")
+    (npz,) = [f for f in files if f.endswith(".npz")]
+    assert npz.startswith("miniimagenet-csv-")
+    assert set(files) == {npz, npz + ".manifest.json", npz + ".lock"}
 
     def fail(*args: object, **kwargs: object) -> None:
         raise AssertionError("preprocessed again instead of reading the cache")
@@ -159,26 +163,80 @@ def test_cache_key_follows_source(pkl_root: Path, csv_root: Path, tmp_path: Path
     cache = tmp_path / "cache"
     mi.load(data_dir=pkl_root, cache_dir=cache)
     mi.load(data_dir=csv_root, cache_dir=cache)
-    names = {p.name for p in cache.iterdir()}
+    names = {p.name for p in cache.glob("*.npz")}
     assert len(names) == 2
     assert any("-pickle-" in n for n in names) and any("-csv-" in n for n in names)
     # A different source (other images) gets its own cache entry, not a stale one.
     other = make_synthetic_miniimagenet(tmp_path / "other", "pickle", CLASSES, PER_CLASS + 1)
     splits = mi.load(data_dir=other, cache_dir=cache)
     assert splits.train.shape[1] == PER_CLASS + 1
-    assert len(list(cache.iterdir())) == 3
+    assert len(list(cache.glob("*.npz"))) == 3
 
 
-def test_corrupt_cache_is_rebuilt(pkl_root: Path, expected: dict, tmp_path: Path) -> None:
+def test_same_sizes_other_bytes_get_their_own_cache(csv_root: Path, expected: dict, tmp_path: Path) -> None:
+    """The key holds the SHA-256 of the files, not just their names and sizes."""
+    cache = tmp_path / "cache"
+    mi.load(data_dir=csv_root, cache_dir=cache)
+    other = _copy_tree(csv_root, tmp_path / "other")
+    image = sorted((other / "images").iterdir())[0]
+    data = bytearray(image.read_bytes())
+    data[-1] ^= 0xFF  # same name, same size, other bytes
+    image.write_bytes(bytes(data))
+    assert mi.source_identity(other)["files"]["images/"]["size"] == mi.source_identity(csv_root)["files"]["images/"]["size"]
+    assert mi.source_identity(other)["digest"] != mi.source_identity(csv_root)["digest"]
+    mi.load(data_dir=other, cache_dir=cache)
+    assert len(list(cache.glob("*.npz"))) == 2
+
+
+@pytest.mark.parametrize("damage", ["replace", "truncate", "flip"])
+def test_damaged_cache_is_detected_and_rebuilt(damage: str, pkl_root: Path, expected: dict, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     mi.load(data_dir=pkl_root, cache_dir=cache)
-    (path,) = cache.iterdir()
-    path.write_bytes(b"not a zip file")
-    with pytest.warns(UserWarning, match="unreadable Mini-ImageNet cache"):
+    (path,) = cache.glob("*.npz")
+    data = bytearray(path.read_bytes())
+    if damage == "replace":
+        data = bytearray(b"not a zip file")
+    elif damage == "truncate":
+        data = data[: len(data) // 2]
+    else:  # one pixel of the uncompressed arrays: np.load would read it without complaint
+        data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.warns(JaxmetaWarning, match=r"Mini-ImageNet cache .* is damaged \(.*\); rebuilding it"):
         splits = mi.load(data_dir=pkl_root, cache_dir=cache)
     _assert_matches(splits, expected)
-    with np.load(path) as z:  # rewritten
-        assert z["train"].shape == splits.train.shape
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", JaxmetaWarning)  # rebuilt: read back without a warning
+        _assert_matches(mi.load(data_dir=pkl_root, cache_dir=cache), expected)
+
+
+_PREPARE = """
+import logging, sys, time
+import numpy as np
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+from jaxmeta.data import miniimagenet as mi
+start = float(sys.argv[3])
+time.sleep(max(0.0, start - time.time()))  # both processes start together
+splits = mi.load(data_dir=sys.argv[1], cache_dir=sys.argv[2])
+print("sum", int(sum(int(a.astype(np.int64).sum()) for a in splits)))
+"""
+
+
+def test_two_processes_prepare_one_cache(csv_root: Path, expected: dict, tmp_path: Path) -> None:
+    """Started at the same moment on an empty cache: one builds, the other waits and reads."""
+    cache = tmp_path / "cache"
+    start = time.time() + 8.0  # after both interpreters have imported numpy and PIL
+    procs = [subprocess.Popen([sys.executable, "-c", _PREPARE, str(csv_root), str(cache), str(start)],
+                              cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-2000:]
+    sums = {out.split()[-1] for out, _ in outs}
+    want = sum(int(a.astype(np.int64).sum()) for _, a in expected.values())
+    assert sums == {str(want)}
+    builds = sum(err.count("preparing Mini-ImageNet cache") for _, err in outs)
+    assert builds == 1, [err[-1000:] for _, err in outs]
+    assert not [p for p in cache.iterdir() if ".tmp" in p.name]  # nothing half-written left
 
 
 def test_env_vars(

@@ -144,6 +144,7 @@ def test_bad_input_is_one_clear_line(tmp_path, env, quick_run, omniglot_dir, cor
     run_dir, _ = quick_run
     out = str(tmp_path / "o")
     fresh_cache = str(tmp_path / "empty_cache")
+    (tmp_path / "empty_dir").mkdir()
     cases = [
         (["train", "--ways", "5000", "--out", out], env, "ways=5000 exceeds"),
         (["train", "--shots", "10", "--queries", "15", "--out", out], env, "exceeds the 20 examples"),
@@ -158,6 +159,10 @@ def test_bad_input_is_one_clear_line(tmp_path, env, quick_run, omniglot_dir, cor
          "nowhere"),
         (["train", "--data-dir", str(corrupt_archives), "--cache-dir", fresh_cache, "--out", out], env,
          "images_background.zip"),
+        # The session cache holds the real archives' characters: a directory named must still be the data used.
+        (["train", "--data-dir", str(tmp_path / "empty_dir"), "--out", out], env,
+         f"Omniglot archive not found: {tmp_path / 'empty_dir' / 'images_background.zip'}"),
+        (["train", "--data-dir", str(corrupt_archives), "--out", out], env, "corrupt or unreadable zip archive"),
         (["train", "--out", str(run_dir)], env, "already holds a run"),
         (["train", "--resume", "--inner-lr", "0.1", "--out", str(run_dir)], env, "--inner-lr"),
         (["train", "--resume", "--meta-steps", "100", "--out", str(run_dir)], env, "already ran 300"),
@@ -173,6 +178,31 @@ def test_bad_input_is_one_clear_line(tmp_path, env, quick_run, omniglot_dir, cor
         assert_one_line_error_text(code, stderr, fragment)
     assert not os.path.exists(fresh_cache) or not any(p.suffix == ".npz" for p in __import__("pathlib").Path(
         fresh_cache).rglob("*"))
+    assert not os.path.exists(out) or not os.listdir(out)  # no run was started on other data
+
+
+def test_config_records_the_data_and_evaluate_says_when_it_differs(tmp_path, env, quick_run, omniglot_dir, capsys,
+                                                                    monkeypatch):
+    from jaxmeta.data import omniglot as data
+
+    run_dir, _ = quick_run
+    recorded = json.loads((run_dir / "config.json").read_text())["data"]
+    assert recorded == data.source_identity(omniglot_dir)
+    assert set(recorded["files"]) == {"images_background.zip", "images_evaluation.zip"}
+    code, stderr, _ = run_in_process(omniglot.main, ["evaluate", "--run", str(run_dir), "--tasks", "20"], capsys,
+                                     env=env, monkeypatch=monkeypatch)
+    assert code == 0 and "warning" not in stderr, stderr  # the same archives: nothing to say
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["data"]["files"]["images_evaluation.zip"]["sha256"] = "0" * 64  # trained on another copy
+    (copy / "config.json").write_text(json.dumps(config))
+    code, stderr, stdout = run_in_process(omniglot.main, ["evaluate", "--run", str(copy), "--tasks", "20"], capsys,
+                                          env=env, monkeypatch=monkeypatch)
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert code == 0 and json.loads(stdout.splitlines()[-1])["tasks"] == 20
+    assert len(lines) == 1 and lines[0].startswith("warning: evaluating "), stderr
+    assert "other than it was trained on: changed: images_evaluation.zip" in lines[0]
 
 
 def test_episode_bad_folders(tmp_path, env, quick_run, omniglot_dir, capsys, monkeypatch):

@@ -69,7 +69,8 @@ def test_directory_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("JAXMETA_CACHE_DIR", str(tmp_path / "env_cache"))
     monkeypatch.setenv("JAXMETA_OMNIGLOT_DIR", str(tmp_path / "env_data"))
     assert omniglot.resolve_cache_dir() == tmp_path / "env_cache"
-    assert omniglot.cache_path() == tmp_path / "env_cache" / omniglot.CACHE_FILENAME
+    with pytest.raises(DataError, match="Omniglot archive directory not found: .*env_data"):
+        omniglot.cache_path()  # the archives named must be there: their SHA-256 keys the cache
     assert omniglot.resolve_data_dir() == tmp_path / "env_data"
     assert omniglot.resolve_cache_dir(tmp_path / "arg") == tmp_path / "arg"  # argument wins
     assert omniglot.resolve_data_dir(tmp_path / "arg") == tmp_path / "arg"
@@ -194,19 +195,25 @@ def test_tfds_prepare_small_archives_and_tf_free_read(
         "small1": 2720,
         "small2": 3120,
     }
-    assert str(builder.data_dir).startswith(str(cache / "tfds"))
+    (keyed,) = cache.glob("omniglot-*")
+    assert str(builder.data_dir).startswith(str(keyed / "tfds"))
     assert "array_record" in builder.info.file_format.value
-    assert not list((cache / "tfds" / "downloads").glob("jaxmeta_extracted-*"))  # cleaned
-    # Idempotent: once prepared, the archives are not needed any more.
-    again = omniglot.prepare_tfds(data_dir=tmp_path / "gone", cache_dir=cache, config="small")
-    assert again.info.splits["small2"].num_examples == 3120
+    assert not list((keyed / "tfds" / "downloads").glob("jaxmeta_extracted-*"))  # cleaned
+    # Idempotent: prepared once per set of archives (keyed by their SHA-256) ...
+    start = time.perf_counter()
+    again = omniglot.prepare_tfds(data_dir=data_dir, cache_dir=cache, config="small")
+    assert time.perf_counter() - start < 5
+    assert again.info.splits["small2"].num_examples == 3120 and again.data_dir == builder.data_dir
+    # ... and a directory named must hold them, even when another copy is prepared.
+    with pytest.raises(DataError, match="Omniglot archive directory not found: .*gone"):
+        omniglot.prepare_tfds(data_dir=tmp_path / "gone", cache_dir=cache, config="small")
     # Read back without TensorFlow: a fresh process must never import it.
     script = f"""
 import sys, io
 import tensorflow_datasets as tfds
 from PIL import Image
 from jaxmeta.data import omniglot
-b = omniglot.LocalOmniglot(data_dir={str(cache / "tfds")!r}, config="small")
+b = omniglot.LocalOmniglot(data_dir={str(keyed / "tfds")!r}, config="small")
 src = b.as_data_source("small1", decoders={{"image": tfds.decode.SkipDecoding()}})
 exs = src.__getitems__(range(len(src)))
 labels = sorted({{int(e["label"]) for e in exs}})
@@ -258,23 +265,50 @@ def test_characters_cache_contents(omniglot_characters, omniglot_dir: Path) -> N
     assert chars.alphabet[999] == name.split("/")[1]
 
 
-def test_cached_load_is_fast_and_needs_no_archives(
-    omniglot_characters, jaxmeta_cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+def test_cached_load_is_fast_and_keyed_by_the_archives(
+    omniglot_characters, omniglot_dir: Path, jaxmeta_cache_dir: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    entries = sorted(p.name for p in jaxmeta_cache_dir.iterdir())
-    assert omniglot.CACHE_FILENAME in entries
+    path = omniglot.cache_path(jaxmeta_cache_dir, data_dir=omniglot_dir)
+    digest = omniglot.source_identity(omniglot_dir)["digest"]
+    assert path == jaxmeta_cache_dir / f"omniglot-{digest[:16]}" / omniglot.CACHE_FILENAME
+    entries = sorted(p.name for p in path.parent.iterdir())
+    assert omniglot.CACHE_FILENAME in entries and omniglot.CACHE_FILENAME + ".manifest.json" in entries
     assert not [e for e in entries if ".tmp" in e]  # atomic write left no temp file
-    assert (jaxmeta_cache_dir / "tfds" / "jaxmeta_omniglot" / "lake").is_dir()
-    size_mb = (jaxmeta_cache_dir / omniglot.CACHE_FILENAME).stat().st_size / 2**20
-    assert size_mb < 15
+    assert (path.parent / "tfds" / "jaxmeta_omniglot" / "lake").is_dir()
+    assert path.stat().st_size / 2**20 < 15
     monkeypatch.setenv("JAXMETA_CACHE_DIR", str(jaxmeta_cache_dir))
-    monkeypatch.setenv("JAXMETA_OMNIGLOT_DIR", "/nonexistent")  # never consulted
+    monkeypatch.setenv("JAXMETA_OMNIGLOT_DIR", str(omniglot_dir))
     start = time.perf_counter()
-    splits = omniglot.load("maml")
+    splits = omniglot.load("maml")  # hashes the archives, checks the cache's SHA-256, reads it
     elapsed = time.perf_counter() - start
     print(f"cached omniglot.load('maml'): {elapsed:.2f} s")
     assert elapsed < 2.0
     assert splits.train.shape == (4400, 20, 28, 28, 1)
+    # Without any directory named, the cache this machine has is the data set.
+    monkeypatch.delenv("JAXMETA_OMNIGLOT_DIR")
+    assert omniglot.source_identity()["digest"] == digest
+    # A directory named must hold the archives: no falling back to another copy's cache.
+    monkeypatch.setenv("JAXMETA_OMNIGLOT_DIR", str(tmp_path / "nonexistent"))
+    with pytest.raises(DataError, match="Omniglot archive directory not found"):
+        omniglot.load("maml")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="Omniglot archive not found: .*images_background.zip"):
+        omniglot.load("maml", data_dir=tmp_path / "empty")
+
+
+def test_damaged_character_cache_is_rebuilt(omniglot_characters, omniglot_dir: Path, jaxmeta_cache_dir: Path) -> None:
+    """A flipped byte in the cache is caught by its SHA-256 and the cache rebuilt from the records."""
+    from jaxmeta.errors import JaxmetaWarning
+
+    cache = jaxmeta_cache_dir
+    path = omniglot.cache_path(cache, data_dir=omniglot_dir)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.warns(JaxmetaWarning, match="Omniglot cache .* is damaged .*rebuilding it"):
+        again = omniglot.load_characters(data_dir=omniglot_dir, cache_dir=cache)
+    np.testing.assert_array_equal(again.images, omniglot_characters.images)
 
 
 def test_maml_split_with_rotations(omniglot_characters, jaxmeta_cache_dir: Path) -> None:

@@ -264,6 +264,30 @@ def test_finetune_keeps_a_model_that_translate_uses(quick_runs, capsys):
     assert all(line.isascii() for line in lines)  # English out of Romanian in
 
 
+def test_a_run_records_its_corpus_and_translate_says_when_the_files_differ(quick_runs, translation_dir, tmp_path,
+                                                                          capsys):
+    import json
+    import shutil
+
+    out, _ = quick_runs
+    run = out / "fomaml"
+    config = json.loads((run / "config.json").read_text())
+    files = config["data"]["files"]
+    codes = config["meta_langs"] + config["val_langs"] + config["target_langs"]
+    assert {"tatoeba/manifest.tsv", *(f"tatoeba/{c}.tsv.gz" for c in codes)} <= set(files)
+    assert config["data"] == tdata.corpus_identity(config["data_dir"], codes)
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    config["data"]["files"]["tatoeba/ron.tsv.gz"]["sha256"] = "0" * 64  # trained on another copy of Romanian
+    (copy / "config.json").write_text(json.dumps(config))
+    code, err, stdout = _main(["translate", "--run", str(copy), "--lang", "ron", "Nu știu."], capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 0 and len(stdout.strip().splitlines()) == 1, err
+    assert len(lines) == 1 and lines[0].startswith("warning: ") and "changed: tatoeba/ron.tsv.gz" in lines[0], err
+    code, err, _ = _main(["translate", "--run", str(run), "--lang", "ron", "Nu știu."], capsys)
+    assert code == 0 and "warning" not in err, err
+
+
 @pytest.mark.parametrize("argv, fragment", [
     (["finetune", "--run", "{run}", "--lang", "xx9", "--size", "10"], "unknown language code"),
     (["finetune", "--run", "{run}", "--lang", "ron", "--size", "999999"], "cannot fine-tune on 999999"),

@@ -26,20 +26,20 @@ their split are truncated to that size (with a warning), so each split is one de
 
 The preprocessed splits are cached as an uncompressed ``.npz`` in the cache directory
 (``cache_dir`` argument, else ``JAXMETA_CACHE_DIR``, else ``~/.cache/jaxmeta``), written
-atomically via a temporary file and ``os.replace``.  The cache file name holds the
-layout and a hash of the source files' names and sizes (and, for the CSV layout, the
-CSV rows), so a changed data set is preprocessed again.
+atomically via a temporary file and ``os.replace``, under a file lock (concurrent
+processes preprocess once), with a manifest of its SHA-256 that every load checks (a
+damaged cache is rebuilt with a warning).  The cache file name holds the layout and a
+digest of the source files' names, sizes and SHA-256 (:func:`source_identity`), so a
+changed data set is preprocessed again.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import csv
-import hashlib
 import importlib
 import os
 import pickle
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path, PurePosixPath
@@ -48,6 +48,7 @@ from typing import Any, Callable, Literal, NamedTuple
 import numpy as np
 from PIL import Image
 
+from jaxmeta.data import provenance
 from jaxmeta.errors import DataError
 
 __all__ = [
@@ -70,6 +71,7 @@ __all__ = [
     "preprocess_image",
     "resolve_cache_dir",
     "resolve_data_dir",
+    "source_identity",
 ]
 
 Layout = Literal["csv", "pickle"]
@@ -504,25 +506,32 @@ def _check_splits(splits: MiniImageNetSplits) -> None:
             )
 
 
-def _source_key(root: Path, layout: Layout) -> tuple[str, dict[str, list[_CsvImage]] | None]:
-    """Hashes the source files' names and sizes; also returns the parsed CSV listing."""
-    h = hashlib.sha256(_CACHE_VERSION.encode())
-    h.update(layout.encode())
+def _source(root: Path, layout: Layout) -> tuple[dict, dict[str, list[_CsvImage]] | None]:
+    """The source files' identity (names, sizes, SHA-256); also the parsed CSV listing."""
     listing = None
     if layout == "csv":
         listing = {split: _read_csv_split(root, split) for split in SPLITS}
-        for split in SPLITS:
-            for item in listing[split]:
-                rel = item.path.relative_to(root).as_posix()
-                h.update(f"\n{split}\0{item.label}\0{rel}\0{item.size}".encode())
+        files = {name: provenance.file_entry(root / name) for name in CSV_FILES}
+        images = {item.path for split in SPLITS for item in listing[split]}
+        files[f"{IMAGES_DIR}/"] = provenance.tree_entry(root, images)
     else:
-        for name in PICKLE_FILES:
-            try:
-                size = (root / name).stat().st_size
-            except OSError as e:
-                raise DataError(f"cannot read {root / name}: {e}") from e
-            h.update(f"\n{name}\0{size}".encode())
-    return h.hexdigest()[:16], listing
+        files = {name: provenance.file_entry(root / name) for name in PICKLE_FILES}
+    ident = provenance.identity("miniimagenet", files, source=f"{root.resolve()} ({layout} layout)",
+                                version=f"{_CACHE_VERSION}-{layout}")
+    return ident, listing
+
+
+def source_identity(data_dir: str | os.PathLike[str] | None = None) -> dict:
+    """The identity of the Mini-ImageNet copy in ``data_dir`` (else ``$JAXMETA_MINIIMAGENET_DIR``).
+
+    The SHA-256 of each pickle, or of each CSV and of every image they list (one
+    entry over the whole ``images/`` tree), as :func:`jaxmeta.data.provenance.identity`.
+
+    Raises:
+      DataError: no directory, no layout, or unreadable files.
+    """
+    root = resolve_data_dir(data_dir)
+    return _source(root, detect_layout(root))[0]
 
 
 def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -532,41 +541,22 @@ def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     return Path(cache_dir).expanduser()
 
 
-def _read_cache(path: Path) -> MiniImageNetSplits | None:
-    """Loads a cache file, or returns ``None`` (with a warning if it is unusable)."""
-    if not path.is_file():
-        return None
+def _read_cache(path: Path) -> MiniImageNetSplits:
+    """Loads a cache file that matched its manifest's SHA-256."""
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = [z[split] for split in SPLITS]
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-        warnings.warn(f"ignoring unreadable Mini-ImageNet cache {path}: {e}", stacklevel=2)
-        return None
+        raise DataError(f"unreadable Mini-ImageNet cache {path} ({e}); delete it to rebuild") from None
     for arr in arrays:
         if arr.dtype != np.uint8 or arr.ndim != 5 or arr.shape[2:] != (IMAGE_SIZE, IMAGE_SIZE, 3):
-            warnings.warn(f"ignoring malformed Mini-ImageNet cache {path}", stacklevel=2)
-            return None
+            raise DataError(f"malformed Mini-ImageNet cache {path}; delete it to rebuild")
     return MiniImageNetSplits(*arrays)
 
 
-def _write_cache(path: Path, splits: MiniImageNetSplits) -> None:
-    """Writes the cache atomically (temporary file + ``os.replace``); warns on failure."""
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **splits._asdict())
-        os.replace(tmp, path)
-        tmp = None
-    except OSError as e:
-        warnings.warn(f"could not write Mini-ImageNet cache {path}: {e}", stacklevel=2)
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+def _write_cache(splits: MiniImageNetSplits, path: Path) -> None:
+    with open(path, "wb") as f:
+        np.savez(f, **splits._asdict())
 
 
 def _build(
@@ -607,11 +597,9 @@ def load(
     """
     root = resolve_data_dir(data_dir)
     layout = detect_layout(root)
-    key, listing = _source_key(root, layout)
-    cache_path = resolve_cache_dir(cache_dir) / f"miniimagenet-{layout}-{key}.npz"
-    splits = _read_cache(cache_path)
-    if splits is None:
-        splits = _build(root, layout, listing)
-        _write_cache(cache_path, splits)
+    source, listing = _source(root, layout)
+    cache_path = resolve_cache_dir(cache_dir) / f"miniimagenet-{layout}-{source['digest'][:16]}.npz"
+    splits = provenance.cached(cache_path, build=lambda: _build(root, layout, listing), write=_write_cache,
+                               read=_read_cache, what="Mini-ImageNet", source=source)
     _check_splits(splits)
     return splits

@@ -8,12 +8,16 @@ Pipeline:
    ``images_background_small2.zip``), safely extracts them instead of downloading, so
    TFDS's registered checksums are not needed. Without a directory it falls back to TFDS's
    normal (checksummed) download. Records are written as ``array_record`` under
-   ``<cache_dir>/tfds``.
+   ``<cache_dir>/omniglot-<digest>/tfds``, where ``<digest>`` is the SHA-256 of the
+   archives' names, sizes and SHA-256 (:func:`source_identity`): each set of archives has
+   its own cache, and a run never reads a cache built from other archives.
 2. **Preprocess** (once, TF-free): the prepared records are read with
    ``builder.as_data_source`` (array_record, no TensorFlow), each PNG is turned into a
    28x28 grayscale image by :func:`preprocess_image`, and the 1623 characters are cached
-   as one compressed ``.npz`` (``<cache_dir>/omniglot_28x28_v1.npz``).
-3. **Load** (every run, < 2 s): :func:`load` reads the cache and splits it *by character*.
+   as one compressed ``.npz`` (``<cache_dir>/omniglot-<digest>/omniglot_28x28_v1.npz``)
+   with a manifest of its SHA-256; a file lock makes concurrent processes prepare once.
+3. **Load** (every run, < 2 s): :func:`load` hashes the archives, checks the cache
+   against its manifest and splits it *by character*.
 
 Pixel convention (polarity): **ink = 1.0 on background = 0.0**. The original PNGs draw
 black strokes on white, so the grayscale value is inverted: ``x = (255 - L) / 255`` where
@@ -46,6 +50,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import logging
 import os
 import random
@@ -65,6 +70,7 @@ from etils import epath
 from PIL import Image
 from tensorflow_datasets.image_classification import omniglot as _tfds_omniglot
 
+from jaxmeta.data import provenance
 from jaxmeta.errors import ConfigError, DataError
 
 __all__ = [
@@ -88,6 +94,7 @@ __all__ = [
     "preprocess_image",
     "resolve_cache_dir",
     "resolve_data_dir",
+    "source_identity",
     "rotate_classes",
     "split_character_ids",
 ]
@@ -248,6 +255,11 @@ def extract_archive(archive: str | os.PathLike[str], dest: str | os.PathLike[str
 # --------------------------------------------------------------------------------------
 # The TFDS builder.
 # --------------------------------------------------------------------------------------
+
+
+def _download_url(split: str) -> str:
+    """The stock builder's URL of a split's archive (its split names differ: ``eval`` is our ``test``)."""
+    return next(u for u in _tfds_omniglot._DL_URLS.values() if u.endswith("/" + ARCHIVES[split]))
 
 
 def _check_archives(archive_dir: Path, splits: Sequence[str]) -> None:
@@ -433,9 +445,9 @@ class LocalOmniglot(_tfds_omniglot.Omniglot, skip_registration=True):
             sources = {s: str(self._archive_dir / ARCHIVES[s]) for s in splits}
         else:
             dirs = dl_manager.download_and_extract(
-                {s: _tfds_omniglot._DL_URLS[s] for s in splits}
+                {s: _download_url(s) for s in splits}
             )
-            sources = {s: _tfds_omniglot._DL_URLS[s] for s in splits}
+            sources = {s: _download_url(s) for s in splits}
         records = {s: _scan(dirs[s], sources[s]) for s in splits}
 
         names: dict[int, str] = {}
@@ -492,9 +504,72 @@ def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     return Path(cache_dir).expanduser()
 
 
-def cache_path(cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """Returns the path of the preprocessed ``.npz`` cache."""
-    return resolve_cache_dir(cache_dir) / CACHE_FILENAME
+def _download_identity(splits: Sequence[str]) -> dict:
+    """The identity of TFDS's download: the archives' registered sizes and SHA-256."""
+    infos = LocalOmniglot.url_infos or {}
+    files = {}
+    for split in splits:
+        info = infos.get(_download_url(split))
+        files[ARCHIVES[split]] = (
+            {"size": int(info.size), "sha256": str(info.checksum)} if info else {"url": _download_url(split)}
+        )
+    return provenance.identity("omniglot", files, source="TFDS download", version=CACHE_FILENAME)
+
+
+def _cached_identities(cache_dir: Path) -> list[dict]:
+    """The source identities of the character caches in ``cache_dir``, newest first."""
+    found = []
+    for manifest in cache_dir.glob(f"omniglot-*/{CACHE_FILENAME}{provenance.MANIFEST_SUFFIX}"):
+        try:
+            found.append((manifest.stat().st_mtime, json.loads(manifest.read_text())["source"]))
+        except (OSError, ValueError, KeyError):
+            continue
+    return [ident for _, ident in sorted(found, key=lambda item: -item[0]) if "digest" in ident]
+
+
+def source_identity(
+    data_dir: str | os.PathLike[str] | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    *,
+    splits: Sequence[str] = ("train", "test"),
+) -> dict:
+    """The identity (names, sizes, SHA-256) of the archives a run reads.
+
+    An explicit ``data_dir`` (or ``$JAXMETA_OMNIGLOT_DIR``) is hashed and must hold
+    the archives.  Without one, the data are TFDS's registered download, or, when
+    only caches built from other archives exist in ``cache_dir``, the newest of
+    those (the data set this machine already has).
+
+    Raises:
+      DataError: the directory or one of its archives is missing or unreadable.
+    """
+    archive_dir = resolve_data_dir(data_dir)
+    if archive_dir is not None:
+        _check_archives(archive_dir, splits)
+        files = {ARCHIVES[s]: provenance.file_entry(archive_dir / ARCHIVES[s]) for s in splits}
+        return provenance.identity("omniglot", files, source=str(archive_dir.resolve()), version=CACHE_FILENAME)
+    download = _download_identity(splits)
+    if tuple(splits) != ("train", "test"):
+        return download
+    found = _cached_identities(resolve_cache_dir(cache_dir))
+    if not found or any(ident["digest"] == download["digest"] for ident in found):
+        return download
+    return found[0]
+
+
+def _keyed_dir(cache_dir: str | os.PathLike[str] | None, source: dict) -> Path:
+    return resolve_cache_dir(cache_dir) / f"omniglot-{source['digest'][:16]}"
+
+
+def cache_path(
+    cache_dir: str | os.PathLike[str] | None = None, *, data_dir: str | os.PathLike[str] | None = None
+) -> Path:
+    """The preprocessed ``.npz`` cache of the archives in ``data_dir`` (see :func:`source_identity`).
+
+    Caches live in ``<cache_dir>/omniglot-<digest>/``, one directory per set of
+    source archives, so a run never reads a cache built from other archives.
+    """
+    return _keyed_dir(cache_dir, source_identity(data_dir, cache_dir)) / CACHE_FILENAME
 
 
 def prepare_tfds(
@@ -503,7 +578,10 @@ def prepare_tfds(
     cache_dir: str | os.PathLike[str] | None = None,
     config: str = "lake",
 ) -> LocalOmniglot:
-    """Prepares Omniglot with TFDS (array_record under ``<cache_dir>/tfds``); idempotent.
+    """Prepares Omniglot with TFDS (array_record under ``<cache_dir>/omniglot-<digest>/tfds``); idempotent.
+
+    The records of each set of source archives (their SHA-256, see
+    :func:`source_identity`) are prepared once, in a directory of their own.
 
     Args:
       data_dir: Directory of the Omniglot archives (else ``$JAXMETA_OMNIGLOT_DIR``; if
@@ -515,22 +593,23 @@ def prepare_tfds(
       The prepared builder; read it with ``builder.as_data_source(split)``.
 
     Raises:
-      DataError: Missing directory or archive, corrupt or unsafe archive, bad layout.
+      DataError: Missing directory or archive (even when another copy is prepared),
+        corrupt or unsafe archive, bad layout.
       ConfigError: Unknown ``config``.
     """
     known = [c.name for c in LocalOmniglot.BUILDER_CONFIGS]
     if config not in known:
         raise ConfigError(f"unknown Omniglot TFDS config {config!r}; expected one of {known}")
     archive_dir = resolve_data_dir(data_dir)
+    splits = next(c.splits for c in LocalOmniglot.BUILDER_CONFIGS if c.name == config)
+    source = source_identity(data_dir, cache_dir, splits=splits)  # checks the archives exist
     builder = LocalOmniglot(
         archive_dir=archive_dir,
-        data_dir=resolve_cache_dir(cache_dir) / "tfds",
+        data_dir=_keyed_dir(cache_dir, source) / "tfds",
         config=config,
     )
     if builder.is_prepared():
         return builder
-    if archive_dir is not None:  # Fail fast, before TFDS creates any directory.
-        _check_archives(archive_dir, builder.builder_config.splits)
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(try_download_gcs=False)
     )
@@ -589,33 +668,31 @@ def _read_prepared(builder: LocalOmniglot) -> OmniglotCharacters:
     return OmniglotCharacters(images, alphabet, background)
 
 
-def _write_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=".npz", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, **arrays)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def _write_npz(chars: OmniglotCharacters, path: Path) -> None:
+    with open(path, "wb") as f:
+        np.savez_compressed(
+            f,
+            version=np.asarray(CACHE_FORMAT_VERSION),
+            images=chars.images,
+            alphabet=chars.alphabet,
+            background=chars.background,
+        )
 
 
-def _read_cache(path: Path) -> OmniglotCharacters | None:
+def _read_cache(path: Path) -> OmniglotCharacters:
+    """Reads a cache file that matched its manifest's SHA-256."""
     try:
         with np.load(path, allow_pickle=False) as z:
             if int(z["version"]) != CACHE_FORMAT_VERSION:
-                return None
+                raise DataError(f"Omniglot cache {path} has format {int(z['version'])}, "
+                                f"expected {CACHE_FORMAT_VERSION}; delete it to rebuild")
             chars = OmniglotCharacters(z["images"], z["alphabet"], z["background"])
     except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
-        log.warning("ignoring unreadable Omniglot cache %s (%s); rebuilding it", path, e)
-        return None
+        raise DataError(f"unreadable Omniglot cache {path} ({e}); delete it to rebuild") from None
     shape = (NUM_CHARACTERS, NUM_DRAWERS, IMAGE_SIZE, IMAGE_SIZE)
     if chars.images.shape != shape or chars.images.dtype != np.uint8:
-        log.warning("ignoring Omniglot cache %s with unexpected contents; rebuilding", path)
-        return None
+        raise DataError(f"Omniglot cache {path} holds {chars.images.shape} {chars.images.dtype}, "
+                        f"expected {shape} uint8; delete it to rebuild")
     return chars
 
 
@@ -626,31 +703,40 @@ def load_characters(
 ) -> OmniglotCharacters:
     """Returns all 1623 preprocessed characters, preparing and caching them if needed.
 
-    The first call prepares the data set through TFDS (needs TensorFlow; ~tens of
-    seconds) and writes ``<cache_dir>/omniglot_28x28_v1.npz`` atomically; later calls
-    only read that file.  ``data_dir`` is only consulted when the cache is missing.
+    The archives are identified by their SHA-256 (:func:`source_identity`) and
+    their characters cached in ``<cache_dir>/omniglot-<digest>/omniglot_28x28_v1.npz``.
+    The first call for a set of archives prepares them through TFDS (needs
+    TensorFlow; ~tens of seconds), under a file lock, so concurrent processes
+    prepare once; later calls read the cache after checking its SHA-256 (a
+    damaged cache is rebuilt with a warning).
 
     Args:
       data_dir: Directory of the Omniglot archives (else ``$JAXMETA_OMNIGLOT_DIR``; if
-        neither, TFDS downloads them).
+        neither, the cache this machine has, else TFDS's download).
       cache_dir: Cache directory (else ``$JAXMETA_CACHE_DIR``, else ``~/.cache/jaxmeta``).
 
     Returns:
       The characters, ordered by global character id.
+
+    Raises:
+      DataError: Missing, unreadable or corrupt archives in ``data_dir``.
     """
-    path = cache_path(cache_dir)
-    if path.exists() and (chars := _read_cache(path)) is not None:
-        return chars
-    builder = prepare_tfds(data_dir=data_dir, cache_dir=cache_dir, config="lake")
-    chars = _read_prepared(builder)
-    _write_npz_atomic(
-        path,
-        version=np.asarray(CACHE_FORMAT_VERSION),
-        images=chars.images,
-        alphabet=chars.alphabet,
-        background=chars.background,
-    )
-    return chars
+    source = source_identity(data_dir, cache_dir)
+    keyed = _keyed_dir(cache_dir, source)
+    tfds_dir = keyed / "tfds"
+    fresh = not tfds_dir.exists()
+
+    def build() -> OmniglotCharacters:
+        try:
+            builder = prepare_tfds(data_dir=data_dir, cache_dir=cache_dir, config="lake")
+            return _read_prepared(builder)
+        except BaseException:
+            if fresh:  # leave no half-prepared records of these archives behind
+                shutil.rmtree(tfds_dir, ignore_errors=True)
+            raise
+
+    return provenance.cached(keyed / CACHE_FILENAME, build=build, write=_write_npz, read=_read_cache,
+                             what="Omniglot", source=source)
 
 
 # --------------------------------------------------------------------------------------

@@ -165,6 +165,23 @@ def flores_path(data_dir: str, code: str) -> str | None:
     return None
 
 
+def corpus_identity(data_dir: str, codes: Sequence[str]) -> dict:
+    """The identity (names, sizes, SHA-256) of the files a run of ``codes`` reads.
+
+    The manifest, each language's Tatoeba file and, where there is one, its
+    FLORES-200 devtest file (:func:`jaxmeta.data.provenance.identity`).
+    """
+    from jaxmeta.data import provenance
+
+    files = {"tatoeba/manifest.tsv": provenance.file_entry(os.path.join(data_dir, "tatoeba", "manifest.tsv"))}
+    for code in dict.fromkeys(codes):
+        files[f"tatoeba/{code}.tsv.gz"] = provenance.file_entry(os.path.join(data_dir, "tatoeba", f"{code}.tsv.gz"))
+        flores = flores_path(data_dir, code)
+        if flores is not None:
+            files[f"flores200_devtest/{os.path.basename(flores)}"] = provenance.file_entry(flores)
+    return provenance.identity("translation", files, source=os.path.abspath(data_dir))
+
+
 # --------------------------------------------------------------------------------------
 # Deduplication and splits.
 # --------------------------------------------------------------------------------------
