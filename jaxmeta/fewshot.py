@@ -338,11 +338,15 @@ def warn_if_data_differs(run_dir: str, config: FewShotConfig, *, what: str = "ev
         current = DATASETS[config.dataset].identity(config)
     except DataError:
         return None  # no data at hand (an episode needs none): nothing to compare
+    _warn_if_differs(run_dir, config.dataset, current, what)
+    return current
+
+
+def _warn_if_differs(run_dir: str, dataset: str, current: dict, what: str) -> None:
     differs = provenance.describe_differences(read_data_identity(run_dir), current)
     if differs:
-        warnings.warn(f"{what} {run_dir} with {config.dataset} data other than it was trained on: {differs}",
-                      JaxmetaWarning, stacklevel=2)
-    return current
+        warnings.warn(f"{what} {run_dir} with {dataset} data other than it was trained on: {differs}",
+                      JaxmetaWarning, stacklevel=3)
 
 
 def load_params(run_dir: str, config: FewShotConfig, model, example_shape):
@@ -389,11 +393,11 @@ def train_and_evaluate(config: FewShotConfig, run_dir: str, *, resume: bool = Fa
         raise CheckpointError(
             f"{run_dir} already holds a run (checkpoint at step {existing}): pass --resume or choose another --out"
         )
+    data = DATASETS[config.dataset].identity(config)  # missing or unreadable data: the error load_data gives
     if resume:
-        warn_if_data_differs(run_dir, config, what="resuming")
+        _warn_if_differs(run_dir, config.dataset, data, "resuming")
     train_images, val_images, test_images = load_data(config)
     config.validate_data(train_images, test_images)
-    data = DATASETS[config.dataset].identity(config)
     write_json(os.path.join(run_dir, CONFIG_FILE), {**dataclasses.asdict(config), "data": data})
 
     model, loss_fn, learner = build(config)

@@ -51,7 +51,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import logging
 import os
 import random
 import re
@@ -98,8 +97,6 @@ __all__ = [
     "rotate_classes",
     "split_character_ids",
 ]
-
-log = logging.getLogger(__name__)
 
 DATA_DIR_ENV = "JAXMETA_OMNIGLOT_DIR"
 CACHE_DIR_ENV = "JAXMETA_CACHE_DIR"

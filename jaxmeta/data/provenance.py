@@ -89,12 +89,8 @@ def identity(dataset: str, files: Mapping[str, dict], *, source: str, version: s
     return {"dataset": dataset, "source": str(source), "files": files, "digest": digest}
 
 
-def describe_differences(recorded: Mapping | None, current: Mapping, *, subset: bool = False) -> str | None:
-    """How ``current`` differs from ``recorded`` in one phrase, or ``None`` when they agree.
-
-    With ``subset``, files that only ``current`` lists are not differences (a run
-    that used some languages of a corpus, compared with the whole corpus).
-    """
+def describe_differences(recorded: Mapping | None, current: Mapping) -> str | None:
+    """How ``current`` differs from ``recorded`` in one phrase, or ``None`` when they agree."""
     if not recorded or "files" not in recorded:
         return None
     if recorded.get("dataset") != current.get("dataset"):
@@ -102,7 +98,7 @@ def describe_differences(recorded: Mapping | None, current: Mapping, *, subset: 
     old, new = recorded["files"], current["files"]
     changed = sorted(n for n in old if n in new and old[n] != new[n])
     missing = sorted(n for n in old if n not in new)
-    extra = [] if subset else sorted(n for n in new if n not in old)
+    extra = sorted(n for n in new if n not in old)
     if not (changed or missing or extra):
         return None
     parts = []
@@ -122,9 +118,9 @@ def _check(path: Path) -> str | None:
         recorded = json.loads(manifest.read_text())["file"]
     except (OSError, ValueError, KeyError, TypeError):
         return "its manifest is missing or unreadable"
-    try:
-        actual = file_entry(path)
-    except DataError:
+    try:  # hashed afresh, never from the per-process memo: the check must see what is on disk now
+        actual = {"size": os.path.getsize(path), "sha256": sha256_file(path)}
+    except OSError:
         return "the file is missing or unreadable"
     if actual["size"] != recorded.get("size"):
         return f"size {actual['size']} bytes, manifest says {recorded.get('size')}"
@@ -195,7 +191,7 @@ def _publish(path: Path, value, write: Callable, source: Mapping | None) -> None
     try:
         write(value, Path(tmp))
         os.chmod(tmp, 0o644)
-        entry = file_entry(tmp)
+        entry = {"size": os.path.getsize(tmp), "sha256": sha256_file(tmp)}
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxmeta.data import provenance
 from jaxmeta.errors import ConfigError, DataError
 from jaxmeta.types import Task
 
@@ -171,8 +172,6 @@ def corpus_identity(data_dir: str, codes: Sequence[str]) -> dict:
     The manifest, each language's Tatoeba file and, where there is one, its
     FLORES-200 devtest file (:func:`jaxmeta.data.provenance.identity`).
     """
-    from jaxmeta.data import provenance
-
     files = {"tatoeba/manifest.tsv": provenance.file_entry(os.path.join(data_dir, "tatoeba", "manifest.tsv"))}
     for code in dict.fromkeys(codes):
         files[f"tatoeba/{code}.tsv.gz"] = provenance.file_entry(os.path.join(data_dir, "tatoeba", f"{code}.tsv.gz"))
