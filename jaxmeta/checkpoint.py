@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import sys
+import time
 import warnings
 from collections.abc import Callable, Collection
 from typing import Any, TypeVar
@@ -82,7 +83,7 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, identity: dict) -> 
             )
             mngr.wait_until_finished()
     except BaseException:
-        _remove_partial_save(directory, step)
+        _remove_partial_save(mngr, directory, step)
         raise
     kept = {k: v for k, v in record.items() if os.path.isdir(os.path.join(directory, k))}
     kept[str(step)] = step_checksums(os.path.join(directory, str(step)))
@@ -293,12 +294,26 @@ def _restoring(mngr: ocp.CheckpointManager, step: int, args: Any) -> Any:
     raise _Damaged(reason)  # outside the handler: Orbax's failed tasks are not kept alive by a __context__
 
 
-def _remove_partial_save(directory: str, step: int) -> None:
-    """Removes what a failed save of ``step`` left (Orbax's temporary directory), no finished checkpoint."""
-    with contextlib.suppress(OSError):
-        for name in os.listdir(directory):
-            if name.startswith(f"{step}{_TMP_SUFFIX}"):
-                shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+def _remove_partial_save(mngr: ocp.CheckpointManager, directory: str, step: int) -> None:
+    """Removes what a failed save of ``step`` left (Orbax's temporary directory), no finished checkpoint.
+
+    The save's other writes may still be in flight when its first failure
+    propagates (TensorStore writes from worker threads, and may create files
+    in the temporary directory after a first removal): wait for them, then
+    remove until nothing of the save is left.
+    """
+    with contextlib.suppress(Exception):
+        mngr.wait_until_finished()
+    for attempt in range(100):
+        try:
+            partial = [name for name in os.listdir(directory) if name.startswith(f"{step}{_TMP_SUFFIX}")]
+        except OSError:
+            return
+        if not partial:
+            return
+        for name in partial:
+            shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+        time.sleep(0.05 * (attempt > 0))
 
 
 @contextlib.contextmanager

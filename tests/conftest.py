@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +13,35 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OMNIGLOT_DIR = (REPO_ROOT / ".." / "shared" / "data" / "omniglot").resolve()
 """The offline Omniglot archives (``<repo>/../shared/data/omniglot``)."""
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """One XLA compilation cache for the whole session, this process and every subprocess it starts.
+
+    Many tests compile the same programs again: a straight run and its
+    resumed twin in two processes, the same learner built by several tests.
+    JAX's persistent cache (``JAX_COMPILATION_CACHE_DIR``, read when jax is
+    imported, so inherited by the CLI subprocesses) compiles each once.  A
+    fresh directory per session (removed at exit) unless one is set: the
+    suite's time is a cold start's.  Results are unchanged: a cached
+    executable is the one XLA compiled.
+    """
+    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = _session_dir("xla")
+        os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.05")
+        os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+    if SESSION_CACHE_ENV not in os.environ:  # pytest-xdist's workers inherit the controller's
+        os.environ[SESSION_CACHE_ENV] = _session_dir("data")
+
+
+SESSION_CACHE_ENV = "JAXMETA_TEST_SESSION_CACHE"
+"""The data cache the session's processes share (set by the first process, inherited by xdist's workers)."""
+
+
+def _session_dir(what: str) -> str:
+    path = tempfile.mkdtemp(prefix=f"jaxmeta-test-{what}-")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -27,9 +59,10 @@ def jaxmeta_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A cache directory shared by the whole test session.
 
     ``$JAXMETA_CACHE_DIR`` when set (so a prepared cache is reused across runs),
-    otherwise a fresh temporary directory.
+    otherwise a fresh directory shared by the session's worker processes
+    (the cache's file lock makes one of them prepare it).
     """
-    env = os.environ.get("JAXMETA_CACHE_DIR")
+    env = os.environ.get("JAXMETA_CACHE_DIR") or os.environ.get(SESSION_CACHE_ENV)
     if env:
         path = Path(env).expanduser()
         path.mkdir(parents=True, exist_ok=True)

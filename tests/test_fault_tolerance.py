@@ -147,27 +147,49 @@ def env(omniglot_dir, jaxmeta_cache_dir, omniglot_characters):
     return {"JAXMETA_OMNIGLOT_DIR": str(omniglot_dir), "JAXMETA_CACHE_DIR": str(jaxmeta_cache_dir)}
 
 
-def test_sigterm_checkpoints_then_the_printed_resume_command_is_exact(tmp_path, env):
-    # --checkpoint-every 30: the SIGTERM checkpoint (step 10 or 20) is not one of the regular ones.
+def assert_same_run(a, b):
+    """Two run directories hold the same metrics, evaluation and final parameters (step 30)."""
+    from jaxmeta import fewshot
+
+    assert (a / "metrics.jsonl").read_text() == (b / "metrics.jsonl").read_text()
+    ea, eb = json.loads((a / "eval.json").read_text()), json.loads((b / "eval.json").read_text())
+    assert ea["accuracy_per_step"] == pytest.approx(eb["accuracy_per_step"], abs=1e-6)
+    assert ckpt.latest_step(str(a)) == ckpt.latest_step(str(b)) == 30
+    config = fewshot.read_config(str(a))
+    model, _, _ = fewshot.build(config)
+    _, pa = fewshot.load_params(str(a), config, model, (28, 28, 1))
+    _, pb = fewshot.load_params(str(b), config, model, (28, 28, 1))
+    np.testing.assert_allclose(flat(pa), flat(pb), rtol=0, atol=1e-6)
+
+
+def test_sigterm_and_kill_minus_nine_then_resume_are_exact(tmp_path, env):
+    """Against one straight CLI run: SIGTERM (checkpoint, one line, the printed resume command) and
+    kill -9 (nothing written on the way out; resume from the last regular checkpoint)."""
     args = ["train", "--ways", "5", "--shots", "1", "--preset", "quick", "--no-progress", "--meta-steps", "30",
-            "--log-every", "10", "--checkpoint-every", "30", "--val-every", "10", "--val-tasks", "20",
-            "--test-tasks", "50"]
+            "--log-every", "10", "--val-every", "10", "--val-tasks", "20", "--test-tasks", "50"]
     full_env = {**os.environ, **env}
-    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    proc = subprocess.run([sys.executable, "-m", "experiments.omniglot", *args, "--out", str(straight)],
-                          cwd=REPO_ROOT, env=full_env, capture_output=True, text=True, timeout=900)
+    straight, stopped, killed = tmp_path / "straight", tmp_path / "stopped", tmp_path / "killed"
+    proc = subprocess.run([sys.executable, "-m", "experiments.omniglot", *args, "--checkpoint-every", "30",
+                           "--out", str(straight)], cwd=REPO_ROOT, env=full_env, capture_output=True, text=True,
+                          timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
-    with open(tmp_path / "stderr.txt", "w+") as err:
-        child = subprocess.Popen([sys.executable, "-m", "experiments.omniglot", *args, "--out", str(stopped)],
-                                 cwd=REPO_ROOT, env=full_env, stdout=subprocess.DEVNULL, stderr=err)
+    def start_then(signum, out, ready, checkpoint_every, stderr):
+        child = subprocess.Popen([sys.executable, "-m", "experiments.omniglot", *args, "--checkpoint-every",
+                                  checkpoint_every, "--out", str(out)],
+                                 cwd=REPO_ROOT, env=full_env, stdout=subprocess.DEVNULL, stderr=stderr)
         deadline = time.time() + 600
-        while not (stopped / "metrics.jsonl").exists() and child.poll() is None and time.time() < deadline:
+        while not ready.exists() and child.poll() is None and time.time() < deadline:
             time.sleep(0.02)
-        child.send_signal(signal.SIGTERM)
-        assert child.wait(timeout=600) == 143, (tmp_path / "stderr.txt").read_text()[-3000:]
+        child.send_signal(signum)
+        return child.wait(timeout=600)
+
+    # SIGTERM.  --checkpoint-every 30: the SIGTERM checkpoint (step 10 or 20) is not one of the regular ones.
+    with open(tmp_path / "stderr.txt", "w+") as err:
+        code = start_then(signal.SIGTERM, stopped, stopped / "metrics.jsonl", "30", err)
         err.seek(0)
         stderr = err.read()
+    assert code == 143, stderr[-3000:]
     assert "Traceback" not in stderr, stderr[-3000:]
     last = [line for line in stderr.splitlines() if line.strip()][-1]
     found = re.fullmatch(r"interrupted by SIGTERM at meta-step (\d+); checkpoint (.+); resume with: (.+)", last)
@@ -177,23 +199,20 @@ def test_sigterm_checkpoints_then_the_printed_resume_command_is_exact(tmp_path, 
     assert ckpt.latest_step(str(stopped)) == step
     assert json.loads((stopped / "metrics.jsonl").read_text().splitlines()[-1])["step"] == step
     assert not (stopped / "eval.json").exists()
-
     proc = subprocess.run(shlex.split(command), cwd=REPO_ROOT, env=full_env, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (straight / "metrics.jsonl").read_text() == (stopped / "metrics.jsonl").read_text()
-    a = json.loads((straight / "eval.json").read_text())
-    b = json.loads((stopped / "eval.json").read_text())
-    assert a["accuracy_per_step"] == pytest.approx(b["accuracy_per_step"], abs=1e-6)
+    assert_same_run(straight, stopped)
 
-    from jaxmeta import fewshot
-
-    assert ckpt.latest_step(str(straight)) == ckpt.latest_step(str(stopped)) == 30
-    config = fewshot.read_config(str(straight))
-    model, _, _ = fewshot.build(config)
-    _, pa = fewshot.load_params(str(straight), config, model, (28, 28, 1))
-    _, pb = fewshot.load_params(str(stopped), config, model, (28, 28, 1))
-    np.testing.assert_allclose(flat(pa), flat(pb), rtol=0, atol=1e-6)
+    # kill -9 once the first regular checkpoint exists; resume reads the configuration from the run.
+    code = start_then(signal.SIGKILL, killed, killed / "checkpoints" / "10", "10", subprocess.DEVNULL)
+    assert code == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (killed / "eval.json").exists()
+    proc = subprocess.run([sys.executable, "-m", "experiments.omniglot", "train", "--resume", "--meta-steps", "30",
+                           "--no-progress", "--out", str(killed)], cwd=REPO_ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_run(straight, killed)
 
 
 # --------------------------------------------------------------------------------------
