@@ -304,7 +304,7 @@ def _remove_partial_save(mngr: ocp.CheckpointManager, directory: str, step: int)
     """
     with contextlib.suppress(Exception):
         mngr.wait_until_finished()
-    for attempt in range(100):
+    for _ in range(100):  # at most about 5 s
         try:
             partial = [name for name in os.listdir(directory) if name.startswith(f"{step}{_TMP_SUFFIX}")]
         except OSError:
@@ -313,7 +313,7 @@ def _remove_partial_save(mngr: ocp.CheckpointManager, directory: str, step: int)
             return
         for name in partial:
             shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
-        time.sleep(0.05 * (attempt > 0))
+        time.sleep(0.05)
 
 
 @contextlib.contextmanager

@@ -15,6 +15,10 @@ OMNIGLOT_DIR = (REPO_ROOT / ".." / "shared" / "data" / "omniglot").resolve()
 """The offline Omniglot archives (``<repo>/../shared/data/omniglot``)."""
 
 
+SESSION_CACHE_ENV = "JAXMETA_TEST_SESSION_CACHE"
+"""The data cache the session's processes share (set by the first process, inherited by xdist's workers)."""
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """One XLA compilation cache for the whole session, this process and every subprocess it starts.
 
@@ -32,10 +36,6 @@ def pytest_configure(config: pytest.Config) -> None:
         os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
     if SESSION_CACHE_ENV not in os.environ:  # pytest-xdist's workers inherit the controller's
         os.environ[SESSION_CACHE_ENV] = _session_dir("data")
-
-
-SESSION_CACHE_ENV = "JAXMETA_TEST_SESSION_CACHE"
-"""The data cache the session's processes share (set by the first process, inherited by xdist's workers)."""
 
 
 def _session_dir(what: str) -> str:

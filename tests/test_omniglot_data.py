@@ -281,11 +281,9 @@ def test_cached_load_reads_the_cache_keyed_by_the_archives(
     def no_preparing(**_):
         raise AssertionError("a cached load prepared the archives again")
 
-    monkeypatch.setattr(omniglot, "prepare_tfds", no_preparing)
-    splits = omniglot.load("maml")  # hashes the archives, checks the cache's SHA-256, reads it
-    monkeypatch.undo()
-    monkeypatch.setenv("JAXMETA_CACHE_DIR", str(jaxmeta_cache_dir))
-    monkeypatch.setenv("JAXMETA_OMNIGLOT_DIR", str(omniglot_dir))
+    with monkeypatch.context() as patched:
+        patched.setattr(omniglot, "prepare_tfds", no_preparing)
+        splits = omniglot.load("maml")  # hashes the archives, checks the cache's SHA-256, reads it
     assert path.stat().st_mtime_ns == before  # read, not rewritten
     assert splits.train.shape == (4400, 20, 28, 28, 1)
     # Without any directory named, the cache this machine has is the data set.
