@@ -3,7 +3,9 @@
 Everything in jaxmeta is composed from :func:`inner_adapt`.  It runs the inner
 steps in a :func:`jax.lax.scan`, so ``jax.grad`` through it gives the *exact*
 second-order MAML meta-gradient, and the compiled program does not grow with
-the number of steps.
+the number of steps.  A single step (the MAML paper's 5-way protocols) runs
+without a scan: it starts from the shared initialisation, so vmapped over
+tasks its products at θ take every task's examples in one matmul.
 """
 
 from __future__ import annotations
@@ -147,11 +149,19 @@ def adapt_and_observe(
 
     body = jax.checkpoint(step) if remat else step
     opt_state = None if optimizer is None else optimizer.init(params)
-    (params, _), seen = jax.lax.scan(body, (params, opt_state), None, length=steps)
+    carry, observed = (params, opt_state), []
+    if steps == 1:
+        # One step needs no scan, and outside a scan the step sees the shared (unbatched)
+        # initialisation: vmapped over tasks, its products at θ take every task's examples in one
+        # matmul (a scan's carry is per task from the start).  More steps keep one scan, so the
+        # compiled program does not grow with them.
+        carry, first = body(carry, None)
+        observed.append(None if observe is None else jax.tree.map(lambda x: x[None], first))
+    elif steps:
+        carry, seen = jax.lax.scan(body, carry, None, length=steps)
+        observed.append(seen)
+    params, seen = carry[0], None
     if observe is not None:
-        last = observe(params)
-        if steps == 0:
-            seen = jax.tree.map(lambda x: x[None], last)
-        else:
-            seen = jax.tree.map(lambda s, x: jnp.concatenate([s, x[None]]), seen, last)
+        observed.append(jax.tree.map(lambda x: x[None], observe(params)))
+        seen = jax.tree.map(lambda *xs: jnp.concatenate(xs), *observed)
     return params, seen
