@@ -38,6 +38,23 @@ def pytest_configure(config: pytest.Config) -> None:
         os.environ[SESSION_CACHE_ENV] = _session_dir("data")
 
 
+SLOWEST_FIRST = ("test_translation.py", "test_omniglot_cli.py", "test_fault_tolerance.py",
+                 "test_miniimagenet_cli.py", "test_benchmark.py", "test_beyond_maml.py")
+"""Modules with the longest fixtures and runs, longest first (measured with ``--durations``)."""
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Runs the slowest modules first.
+
+    xdist's workers take whole files (``--dist loadfile``) in collection
+    order; the longest file started last would set the suite's time, as in
+    longest-processing-time-first scheduling.  The sort is stable: tests keep
+    their order within a file.
+    """
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 def _session_dir(what: str) -> str:
     path = tempfile.mkdtemp(prefix=f"jaxmeta-test-{what}-")
     atexit.register(shutil.rmtree, path, ignore_errors=True)

@@ -102,15 +102,23 @@ def _main(argv, capsys):
     return run_in_process(main, argv, capsys)
 
 
+# The quick preset at a test's budget (60% of its meta-steps, half its fine-tuning steps):
+# checkpoints at MID and LAST.
+MID, LAST = 120, 240
+TEST_BUDGET = ["--meta-steps", str(LAST), "--val-every", str(MID), "--log-every", "40", "--finetune-steps", "50"]
+
+
 @pytest.fixture(scope="module")
 def quick_runs(translation_dir, tmp_path_factory):
-    """``all --preset quick``: FOMAML, MultiNMT and scratch, fine-tuned on Romanian and Korean.
+    """``all --preset quick`` at the test budget: FOMAML, MultiNMT and scratch, fine-tuned on Romanian
+    and Korean.
 
     Each run's checkpoint and rate are chosen by the fine-tuned validation loss.
     """
     out = tmp_path_factory.mktemp("translation") / "quick"
     proc = subprocess.run([sys.executable, "-m", "experiments.translation", "all", "--preset", "quick",
-                           "--out", str(out), "--checkpoint-selection", "finetuned", "--no-progress"],
+                           *TEST_BUDGET, "--out", str(out), "--checkpoint-selection", "finetuned",
+                           "--no-progress"],
                           cwd=REPO_ROOT, capture_output=True, text=True, check=False,
                           timeout=1200, env={**os.environ, tdata.DATA_DIR_ENV: str(translation_dir)})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -155,11 +163,11 @@ def test_each_method_picks_its_checkpoint_by_its_own_validation_objective(quick_
     with open(os.path.join(run, tr.SUMMARY_FILE)) as f:
         chosen = json.load(f)["best_step"]
     flat = {step: np.concatenate([np.ravel(x) for x in jax.tree.leaves(tr.load_initialisation(f"{run}@{step}")[1])])
-            for step in (200, 400)}
+            for step in (MID, LAST)}
     default = np.concatenate([np.ravel(x) for x in jax.tree.leaves(tr.load_initialisation(run)[1])])
     np.testing.assert_array_equal(default, flat[chosen])
-    assert not np.array_equal(flat[200], flat[400])
-    assert tr.run_key(f"{run}@200") == os.path.abspath(run) + "@200" and tr.run_key(run) == os.path.abspath(run)
+    assert not np.array_equal(flat[MID], flat[LAST])
+    assert tr.run_key(f"{run}@{MID}") == os.path.abspath(run) + f"@{MID}" and tr.run_key(run) == os.path.abspath(run)
     assert tr.split_run("a@b/run") == ("a@b/run", None)
 
 
@@ -177,7 +185,7 @@ def test_finetuned_selection_picks_checkpoint_and_rate_by_the_validation_languag
         rates = json.load(f)
     rows = read_jsonl(grid / tr.RESULTS_FILE)
     chosen = {}
-    for algo, steps in (("fomaml", ["200", "400"]), ("pretrain", ["200", "400"]), ("scratch", ["0"])):
+    for algo, steps in (("fomaml", [str(MID), str(LAST)]), ("pretrain", [str(MID), str(LAST)]), ("scratch", ["0"])):
         run = str(out / algo)
         measured = record[os.path.abspath(run)]
         assert sorted(measured, key=int) == steps and all(set(v) == {"0.001", "0.0001"} for v in measured.values())
@@ -193,22 +201,22 @@ def test_finetuned_selection_picks_checkpoint_and_rate_by_the_validation_languag
     assert "Checkpoint selection" in (grid / "results.md").read_text()
 
     # The recorded number is the validation languages' mean development loss after fine-tuning
-    # that checkpoint at that rate: measure one (MultiNMT's step 200, the other rate) directly.
-    config, params = tr.load_initialisation(f"{out / 'pretrain'}@200")
+    # that checkpoint at that rate: measure one (MultiNMT's step MID, the other rate) directly.
+    config, params = tr.load_initialisation(f"{out / 'pretrain'}@{MID}")
     config = config.resolved()
     corpus = tr.held_out_corpus(config)
     tuner = tr.Finetuner(config, tr.grid_capacity(config, corpus))
     direct = np.mean([tuner.finetune(params, tr.training_subset(config, corpus, c, config.finetune_val_pairs, 0),
                                      tr.dev_subset(config, corpus, c), 0, 1e-4)[1]["dev_loss"]
                       for c in config.val_langs])
-    np.testing.assert_allclose(direct, record[os.path.abspath(out / "pretrain")]["200"]["0.0001"], rtol=1e-5)
+    np.testing.assert_allclose(direct, record[os.path.abspath(out / "pretrain")][str(MID)]["0.0001"], rtol=1e-5)
 
     # An interrupted selection resumes: only the checkpoint with no losses yet is fine-tuned again,
     # to the same numbers, and the choice is the same.
     again = tmp_path / "grid"
     again.mkdir()
     partial = json.loads(json.dumps(record))
-    del partial[os.path.abspath(out / "fomaml")]["200"]
+    del partial[os.path.abspath(out / "fomaml")][str(MID)]
     (again / tr.SELECTION_FILE).write_text(json.dumps(partial))
     measured = []
     real = tr.Finetuner.choose_lr
@@ -217,8 +225,8 @@ def test_finetuned_selection_picks_checkpoint_and_rate_by_the_validation_languag
     assert len(measured) == 1 and (step, lr) == chosen["fomaml"][:2]
     with open(again / tr.SELECTION_FILE) as f:
         resumed = json.load(f)
-    for lr, value in record[os.path.abspath(out / "fomaml")]["200"].items():
-        np.testing.assert_allclose(resumed[os.path.abspath(out / "fomaml")]["200"][lr], value, rtol=1e-6)
+    for lr, value in record[os.path.abspath(out / "fomaml")][str(MID)].items():
+        np.testing.assert_allclose(resumed[os.path.abspath(out / "fomaml")][str(MID)][lr], value, rtol=1e-6)
 
 
 def test_candidate_checkpoints_are_evenly_spaced_back_from_the_last_and_keep_the_recorded_one():
@@ -297,8 +305,8 @@ def test_a_run_records_its_corpus_and_translate_says_when_the_files_differ(quick
     (["meta-train", "--preset", "quick", "--out", "{tmp}/m", "--meta-langs", "fra,zz1"], "unknown language code"),
     (["meta-train", "--preset", "quick", "--out", "{tmp}/m", "--meta-langs", "fra,ron"], "both meta-trained"),
     (["all", "--preset", "quick", "--out", "{tmp}/a", "--sizes", "0,999999"], "cannot fine-tune on 999999"),
-    (["evaluate", "--runs", "{run}@7", "--out", "{tmp}/g"], "has no checkpoint at step 7 (it has 200, 400)"),
-    (["finetune", "--run", "{run}@200", "--lang", "ron", "--size", "10"], "RUN@STEP picks a checkpoint for evaluate"),
+    (["evaluate", "--runs", "{run}@7", "--out", "{tmp}/g"], f"has no checkpoint at step 7 (it has {MID}, {LAST})"),
+    (["finetune", "--run", f"{{run}}@{MID}", "--lang", "ron", "--size", "10"], "RUN@STEP picks a checkpoint for evaluate"),
     (["evaluate", "--runs", "{run}", "--out", "{tmp}/g", "--checkpoint-selection", "best"], "invalid choice: 'best'"),
     (["evaluate", "--runs", "{run}", "--out", "{tmp}/g", "--selection-candidates", "-1"], "selection-candidates"),
 ])
