@@ -16,14 +16,19 @@ from typing import Sequence
 
 from jaxmeta import fewshot_cli
 from jaxmeta.cli import run
+from jaxmeta.fewshot import reptile_protocol
 
 PRESETS = ("paper", "cpu", "quick")
 
 
-def preset(name: str, ways: int, shots: int) -> dict:
+def preset(name: str, ways: int, shots: int, algo: str = "maml") -> dict:
     """Preset hyper-parameters for ``ways``-way ``shots``-shot Mini-ImageNet.
 
-    ``paper`` is the MAML paper's setting: meta-batch 4, five inner steps in
+    ``paper`` is the protocol of the algorithm's own paper.  Reptile's
+    (openai/supervised-reptile's Mini-ImageNet commands): inner mini-batches
+    of 10 from 15 shots per class, 8 inner iterations at 0.001, 100,000
+    meta-iterations, test mini-batches of 5 (1-shot) or 15 (5-shot); see
+    :func:`~jaxmeta.fewshot.reptile_protocol`.  The others follow the MAML paper's setting: meta-batch 4, five inner steps in
     training and ten at test time, 15 query images per class, 60,000
     meta-iterations, Conv4 with 32 filters and max-pooling. The reference
     step size 0.01 was applied to a loss summed over the ``ways × shots``
@@ -33,6 +38,10 @@ def preset(name: str, ways: int, shots: int) -> dict:
     """
     base = dict(meta_batch=4, inner_steps=5, inner_lr=0.01 * ways * shots, test_inner_steps=10, queries=15,
                 split="maml")
+    if name == "paper" and algo == "reptile":
+        return {**reptile_protocol(inner_batch=10, inner_steps=8, inner_lr=0.001, train_shots=15,
+                                   test_inner_batch=5 if shots == 1 else 15, meta_steps=100_000),
+                "split": "maml", "val_every": 5_000, "checkpoint_every": 5_000}
     if name == "paper":
         return {**base, "meta_steps": 60_000, "val_every": 2_000, "checkpoint_every": 2_000}
     if name == "cpu":

@@ -14,14 +14,21 @@ from typing import Sequence
 
 from jaxmeta import fewshot_cli
 from jaxmeta.cli import run
+from jaxmeta.fewshot import reptile_protocol
 
 PRESETS = ("paper", "cpu", "quick")
 
 
-def preset(name: str, ways: int, shots: int) -> dict:
+def preset(name: str, ways: int, shots: int, algo: str = "maml") -> dict:
     """Preset hyper-parameters for ``ways``-way ``shots``-shot Omniglot.
 
-    ``paper`` follows the MAML paper and its reference code (5-way: meta-batch
+    ``paper`` is the protocol of the algorithm's own paper.  For Reptile it is
+    the Reptile paper's (openai/supervised-reptile's Omniglot commands,
+    :func:`~jaxmeta.fewshot.reptile_protocol`): 5-way, inner mini-batches of
+    10 from 10 shots per class, 5 inner iterations at 0.001, 100,000
+    meta-iterations, test mini-batches of 5; 20-way, mini-batches of 20, 10
+    iterations at 0.0005, 200,000 meta-iterations, test mini-batches of 10.
+    For the others it follows the MAML paper and its reference code (5-way: meta-batch
     32, one inner step; 20-way: meta-batch 16, five inner steps; 60,000
     meta-iterations; as many query examples per class as support examples in
     training). The reference code's step sizes (0.4 for 5-way, 0.1 for
@@ -32,6 +39,12 @@ def preset(name: str, ways: int, shots: int) -> dict:
     five_way = ways <= 5
     base = (dict(meta_batch=32, inner_steps=1, inner_lr=0.4, test_inner_steps=3) if five_way
             else dict(meta_batch=16, inner_steps=5, inner_lr=0.1, test_inner_steps=10))
+    if name == "paper" and algo == "reptile":
+        protocol = (reptile_protocol(inner_batch=10, inner_steps=5, inner_lr=0.001, train_shots=10,
+                                     test_inner_batch=5, meta_steps=100_000) if five_way else
+                    reptile_protocol(inner_batch=20, inner_steps=10, inner_lr=0.0005, train_shots=10,
+                                     test_inner_batch=10, meta_steps=200_000))
+        return {**protocol, "val_every": 5_000, "checkpoint_every": 5_000}
     if name == "paper":
         return {**base, "meta_steps": 60_000, "queries": shots, "val_every": 2_000, "checkpoint_every": 2_000}
     if name == "cpu":

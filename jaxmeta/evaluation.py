@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +11,7 @@ import numpy as np
 import optax
 
 from jaxmeta.algorithms.base import map_tasks
-from jaxmeta.inner import LossFn, adapt_and_observe, loss_value
+from jaxmeta.inner import LossFn, adapt_and_observe, loss_value, minibatch_schedule
 from jaxmeta.types import Params, PyTree, Task
 
 
@@ -30,6 +30,19 @@ class EvalResult(NamedTuple):
     per_task: dict[str, jax.Array]
 
 
+def query_observer(loss_fn: LossFn, task: Task, *, has_aux: bool, query_score: Callable | None = None):
+    """``observe(params) -> {"loss", aux...}`` on ``task``'s query set (see :func:`evaluate`'s ``query_score``)."""
+
+    def observe(p):
+        if query_score is None:
+            loss, aux = loss_value(loss_fn, p, task.query, has_aux=has_aux)
+        else:
+            loss, aux = query_score(p, task.support, task.query)
+        return {"loss": loss, **aux}
+
+    return observe
+
+
 def ci95(values: jax.Array, axis: int = 0) -> jax.Array:
     """Half-width of the normal-approximation 95% confidence interval of the mean."""
     n = values.shape[axis]
@@ -38,7 +51,9 @@ def ci95(values: jax.Array, axis: int = 0) -> jax.Array:
 
 
 @functools.partial(
-    jax.jit, static_argnames=("loss_fn", "steps", "has_aux", "optimizer", "chunk_size", "proximal")
+    jax.jit,
+    static_argnames=("loss_fn", "steps", "has_aux", "optimizer", "chunk_size", "proximal", "query_score",
+                     "inner_batch_size"),
 )
 def evaluate(
     loss_fn: LossFn,
@@ -51,6 +66,10 @@ def evaluate(
     optimizer: optax.GradientTransformation | None = None,
     chunk_size: int | None = 50,
     proximal: float | None = None,
+    query_score: Callable | None = None,
+    opt_state: optax.OptState | None = None,
+    inner_batch_size: int | None = None,
+    key: jax.Array | None = None,
 ) -> EvalResult:
     """Adapts to every test task and scores its query set after each inner step.
 
@@ -66,16 +85,30 @@ def evaluate(
       chunk_size: tasks adapted at once (bounds memory); ``None`` for all.
       proximal: λ of a proximal term ``(λ/2)·||φ − params||²`` added to the
         support loss (iMAML's inner problem, see :func:`jaxmeta.inner_adapt`).
+      query_score: ``score(params, support, query) -> (loss, aux)``, how the
+        adapted parameters are scored (e.g.
+        :func:`jaxmeta.models.non_transductive_classification_score`);
+        ``None`` scores the query set in one batch with ``loss_fn``.
+      opt_state: the inner optimiser's starting state for every task (e.g.
+        Reptile's carried Adam state); ``None``: a fresh one.
+      inner_batch_size: support examples per inner step, drawn without
+        replacement (:func:`jaxmeta.inner.minibatch_schedule`); ``None``: all.
+      key: seeds those draws (task ``i`` uses ``fold_in(key, i)``; default
+        ``PRNGKey(0)``).
 
     Returns:
       An :class:`EvalResult` with the query loss (and aux metrics) after 0..S steps.
     """
 
-    def observe_query(task):
-        def observe(p):
-            loss, aux = loss_value(loss_fn, p, task.query, has_aux=has_aux)
-            return {"loss": loss, **aux}
+    base_key = jax.random.PRNGKey(0) if key is None else key
 
+    def observe_query(xs):
+        task, index = xs
+        observe = query_observer(loss_fn, task, has_aux=has_aux, query_score=query_score)
+        batches = None
+        if inner_batch_size is not None:
+            examples = jax.tree.leaves(task.support)[0].shape[0]
+            batches = minibatch_schedule(jax.random.fold_in(base_key, index), examples, steps, inner_batch_size)
         _, seen = adapt_and_observe(
             loss_fn,
             params,
@@ -86,11 +119,13 @@ def evaluate(
             has_aux=has_aux,
             observe=observe,
             proximal=proximal,
+            batches=batches,
+            opt_state=opt_state,
         )
         return seen
 
     num_tasks = jax.tree.leaves(tasks)[0].shape[0]
     chunk = None if chunk_size is None or chunk_size >= num_tasks else chunk_size
-    per_task = map_tasks(observe_query, tasks, chunk)
+    per_task = map_tasks(observe_query, (tasks, jnp.arange(num_tasks)), chunk)
     mean = {k: jnp.mean(v, axis=0) for k, v in per_task.items()}
     return EvalResult(mean, {k: ci95(v) for k, v in per_task.items()}, per_task)

@@ -16,6 +16,7 @@ adaptation, the whole query set when scoring.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import warnings
@@ -24,6 +25,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from jaxmeta import checkpoint as ckpt
 from jaxmeta.algorithms.anil import flax_anil_fns
@@ -32,7 +34,12 @@ from jaxmeta.data import episodes, provenance
 from jaxmeta.distributed import check_meta_batch, task_mesh
 from jaxmeta.errors import CheckpointError, ConfigError, DataError, JaxmetaWarning
 from jaxmeta.io import read_jsonl, save_figure, write_json
-from jaxmeta.models import classification_loss, conv4_miniimagenet, conv4_omniglot
+from jaxmeta.models import (
+    classification_loss,
+    conv4_miniimagenet,
+    conv4_omniglot,
+    non_transductive_classification_score,
+)
 from jaxmeta.training import METRICS_FILE, init_train_state, steady_step_ms, train
 
 CONFIG_FILE = "config.json"
@@ -111,6 +118,18 @@ DATASETS = {
 }
 
 
+EVAL_MODES = ("transductive", "non-transductive")
+"""How validation and test query sets are scored (see :func:`query_score`)."""
+INNER_OPTIMIZERS = ("sgd", "adam")
+"""The inner optimisers a run can choose (Adam for Reptile's protocol)."""
+
+
+def eval_file(eval_mode: str = "transductive") -> str:
+    """The run file of a test evaluation: ``eval.json``, or ``eval-non-transductive.json`` for that mode
+    (a run can hold both, as the Reptile paper reports both)."""
+    return EVAL_FILE if eval_mode == "transductive" else f"eval-{eval_mode}.json"
+
+
 @dataclasses.dataclass(frozen=True)
 class FewShotConfig:
     """A few-shot classification run (frozen and hashable; presets are instances).
@@ -120,6 +139,14 @@ class FewShotConfig:
     ``eval_queries=None`` evaluates with as many query examples per class as
     training used (the reference code's protocol): with transductive batch
     norm the query batch is part of the model, and its size should match.
+    ``eval_mode`` scores validation and test query sets in one batch
+    (``"transductive"``, MAML's evaluation) or each query example in a batch
+    of the support set plus itself (``"non-transductive"``, Reptile's).
+    ``train_shots``, ``inner_optimizer``/``inner_beta1``, ``inner_batch``,
+    ``test_inner_batch`` and ``persistent_inner_state`` express Reptile's
+    reference protocol: training episodes with more shots than the test
+    ones, inner Adam with β1 = 0 on mini-batches of the support set, its
+    state carried from task to task (see :func:`jaxmeta.algorithms.reptile.reptile`).
     """
 
     dataset: str = "omniglot"
@@ -137,6 +164,12 @@ class FewShotConfig:
     imaml_cg_steps: int = 5
     imaml_cg_damping: float = 0.0
     per_step_bn: bool = False
+    train_shots: int | None = None
+    inner_optimizer: str = "sgd"
+    inner_beta1: float = 0.9
+    inner_batch: int | None = None
+    test_inner_batch: int | None = None
+    persistent_inner_state: bool = False
     meta_steps: int = 60_000
     split: str = "maml"
     seed: int = 0
@@ -144,6 +177,7 @@ class FewShotConfig:
     chunk_size: int | None = None
     remat: bool = False
     eval_queries: int | None = None
+    eval_mode: str = "transductive"
     test_tasks: int = 600
     val_tasks: int = 100
     log_every: int = 100
@@ -156,9 +190,10 @@ class FewShotConfig:
 
     IDENTITY_EXCLUDE = ("meta_steps", "log_every", "val_every", "checkpoint_every", "max_bad_steps",
                         "data_dir", "cache_dir", "test_tasks", "val_tasks", "test_inner_steps", "chunk_size",
-                        "eval_queries", "devices")
+                        "eval_queries", "eval_mode", "test_inner_batch", "devices")
 
-    IDENTITY_LATER = ("imaml_lam", "imaml_cg_steps", "imaml_cg_damping", "per_step_bn")
+    IDENTITY_LATER = ("imaml_lam", "imaml_cg_steps", "imaml_cg_damping", "per_step_bn", "train_shots",
+                      "inner_optimizer", "inner_beta1", "inner_batch", "persistent_inner_state")
     """Fields added after runs were first written: out of the identity at their defaults."""
 
     def identity(self) -> dict:
@@ -186,6 +221,8 @@ class FewShotConfig:
             raise ConfigError(f"imaml-cg-damping must be a non-negative number, got {self.imaml_cg_damping}")
         if self.eval_queries is not None and self.eval_queries <= 0:
             raise ConfigError(f"eval-queries must be positive, got {self.eval_queries}")
+        if self.eval_mode not in EVAL_MODES:
+            raise ConfigError(f"unknown eval-mode {self.eval_mode!r}; choose from {', '.join(EVAL_MODES)}")
         if self.chunk_size is not None and self.chunk_size <= 0:
             raise ConfigError(f"chunk-size must be positive, got {self.chunk_size}")
         if self.ways < 2:
@@ -194,17 +231,45 @@ class FewShotConfig:
             raise ConfigError(f"unknown split {self.split!r}; choose maml or lake")
         if self.test_tasks < 2:
             raise ConfigError("tasks must be at least 2 for a confidence interval")
+        for name in ("train_shots", "inner_batch", "test_inner_batch"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ConfigError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.inner_optimizer not in INNER_OPTIMIZERS:
+            raise ConfigError(f"unknown inner optimizer {self.inner_optimizer!r}; choose from "
+                              f"{', '.join(INNER_OPTIMIZERS)}")
+        if not 0 <= self.inner_beta1 < 1:
+            raise ConfigError(f"inner-beta1 must be in [0, 1), got {self.inner_beta1}")
+        reptile_only = [name for name, on in (("inner-batch", self.inner_batch is not None),
+                                              ("test-inner-batch", self.test_inner_batch is not None),
+                                              ("persistent-inner-state", self.persistent_inner_state),
+                                              ("inner-optimizer adam", self.inner_optimizer != "sgd"))
+                        if on]
+        if reptile_only and self.algo != "reptile":
+            raise ConfigError(f"{', '.join(reptile_only)}: Reptile's protocol (--algo reptile), not {self.algo}'s")
+        if self.persistent_inner_state and self.inner_optimizer == "sgd":
+            raise ConfigError("persistent-inner-state carries the inner optimizer's state: use --inner-optimizer adam")
+        if self.inner_batch is not None and self.inner_batch > self.ways * self.support_shots:
+            raise ConfigError(f"inner-batch {self.inner_batch} exceeds the support set "
+                              f"({self.ways} x {self.support_shots} examples)")
+        if self.test_inner_batch is not None and self.test_inner_batch > self.ways * self.shots:
+            raise ConfigError(f"test-inner-batch {self.test_inner_batch} exceeds the test support set "
+                              f"({self.ways} x {self.shots} examples)")
         if self.per_step_bn and self.algo != "mamlpp":
             raise ConfigError(f"per-step-bn is a MAML++ switch (--algo mamlpp); {self.algo} has no per-step batch norm")
 
     def validate_data(self, train: np.ndarray, test: np.ndarray) -> None:
         """Checks the episodes against the data: ways ≤ classes, K + Q ≤ examples per class."""
         try:
-            episodes.validate_episode(train.shape[0], train.shape[1], ways=self.ways, shots=self.shots,
+            episodes.validate_episode(train.shape[0], train.shape[1], ways=self.ways, shots=self.support_shots,
                                       queries=self.queries)
         except ConfigError as e:
             raise ConfigError(f"training split of {self.dataset} ({self.split}): {e}") from None
         self.validate_test(test)
+
+    @property
+    def support_shots(self) -> int:
+        """Support examples per class in training tasks (``train_shots``, else ``shots``)."""
+        return self.shots if self.train_shots is None else self.train_shots
 
     @property
     def test_queries(self) -> int:
@@ -217,6 +282,24 @@ class FewShotConfig:
                                       queries=self.test_queries)
         except ConfigError as e:
             raise ConfigError(f"test split of {self.dataset} ({self.split}): {e}") from None
+
+
+def reptile_protocol(*, inner_batch: int, inner_steps: int, inner_lr: float, train_shots: int, test_inner_batch: int,
+                     meta_steps: int) -> dict:
+    """The Reptile paper's training and test protocol (openai/supervised-reptile's flags) as config fields.
+
+    Shared by every setting: meta-batch 5; inner Adam with β1 = 0 whose state
+    carries over from task to task (the reference's one TensorFlow optimiser);
+    meta step size 1 decayed linearly to 0 (``reptile_epsilon`` with the
+    learner's annealing over ``meta_steps``); at test, 50 inner iterations on
+    mini-batches of ``test_inner_batch``, one query example per class, scored
+    non-transductively (the paper's main rows; evaluate ``--eval-mode
+    transductive`` for the others).
+    """
+    return dict(meta_batch=5, inner_steps=inner_steps, inner_lr=inner_lr, inner_optimizer="adam", inner_beta1=0.0,
+                inner_batch=inner_batch, train_shots=train_shots, persistent_inner_state=True, reptile_epsilon=1.0,
+                meta_steps=meta_steps, queries=1, test_inner_steps=50, test_inner_batch=test_inner_batch,
+                eval_mode="non-transductive")
 
 
 def algo_defaults(config: FewShotConfig, explicit: set[str]) -> FewShotConfig:
@@ -251,8 +334,21 @@ def build(config: FewShotConfig):
         imaml_cg_damping=config.imaml_cg_damping,
         mamlpp_per_step_bn=config.per_step_bn,
         anil_fns=flax_anil_fns(model, classification_loss, head="head") if config.algo == "anil" else None,
+        inner_optimizer=make_inner_optimizer(config),
+        inner_batch_size=config.inner_batch,
+        persistent_inner_state=config.persistent_inner_state,
+        seed=config.seed,
     )
     return model, loss_fn, learner
+
+
+@functools.lru_cache(maxsize=None)
+def make_inner_optimizer(config: FewShotConfig):
+    """The inner optimiser of ``config`` (``None``: SGD at ``inner_lr``); one object per configuration, so
+    programs compiled with it as a static argument are reused."""
+    if config.inner_optimizer == "sgd":
+        return None
+    return optax.adam(config.inner_lr, b1=config.inner_beta1)
 
 
 def init_params(config: FewShotConfig, model, example_shape: tuple[int, ...]):
@@ -260,12 +356,13 @@ def init_params(config: FewShotConfig, model, example_shape: tuple[int, ...]):
     return model.init(key, jnp.zeros((config.ways * config.shots, *example_shape)))["params"]
 
 
-def task_sampler(config: FewShotConfig, *, batch_size: int, queries: int):
-    """``sample(key, images) -> Task`` batch drawn on the device from ``images``."""
+def task_sampler(config: FewShotConfig, *, batch_size: int, queries: int, shots: int | None = None):
+    """``sample(key, images) -> Task`` batch drawn on the device from ``images`` (``shots``: default ``config.shots``)."""
+    shots = config.shots if shots is None else shots
     normalize = DATASETS[config.dataset].normalize
 
     def sample(key, images):
-        tasks = episodes.sample_tasks(key, images, batch_size=batch_size, ways=config.ways, shots=config.shots,
+        tasks = episodes.sample_tasks(key, images, batch_size=batch_size, ways=config.ways, shots=shots,
                                       queries=queries)
         if normalize is not None:
             tasks = tasks._replace(support=(normalize(tasks.support[0]), tasks.support[1]),
@@ -281,10 +378,24 @@ def fixed_tasks(config: FewShotConfig, images: np.ndarray, *, num_tasks: int, se
     return jax.jit(sample)(jax.random.PRNGKey(seed), jnp.asarray(images))
 
 
+@functools.lru_cache(maxsize=None)
+def query_score(config: FewShotConfig):
+    """The query scorer of ``config.eval_mode`` (``None``: the whole query set in one batch).
+
+    Cached per configuration, so the evaluation programs compiled for it are
+    reused (the scorer is a static argument of the compiled evaluation).
+    """
+    if config.eval_mode == "transductive":
+        return None
+    return non_transductive_classification_score(DATASETS[config.dataset].model(config.ways, config.conv_impl))
+
+
 def score(config: FewShotConfig, loss_fn, meta_params, tasks, steps: int) -> dict:
     """Accuracy (and loss) after 0..steps inner steps, mean and 95% CI over tasks."""
     result = evaluate_learner(config.algo, loss_fn, meta_params, tasks, steps=steps, inner_lr=config.inner_lr,
-                              has_aux=True, imaml_lam=config.imaml_lam, mamlpp_per_step_bn=config.per_step_bn)
+                              has_aux=True, imaml_lam=config.imaml_lam, mamlpp_per_step_bn=config.per_step_bn,
+                              query_score=query_score(config), inner_optimizer=make_inner_optimizer(config),
+                              inner_batch_size=config.test_inner_batch, key=jax.random.PRNGKey(config.seed))
     acc, ci = np.asarray(result.mean["accuracy"]), np.asarray(result.ci95["accuracy"])
     return {
         "accuracy": float(acc[-1]),
@@ -292,6 +403,7 @@ def score(config: FewShotConfig, loss_fn, meta_params, tasks, steps: int) -> dic
         "tasks": int(result.per_task["accuracy"].shape[0]),
         "inner_steps": int(steps),
         "queries_per_class": int(config.test_queries),
+        "eval_mode": config.eval_mode,
         "accuracy_per_step": acc.tolist(),
         "ci95_per_step": ci.tolist(),
         "loss_per_step": np.asarray(result.mean["loss"]).tolist(),
@@ -402,7 +514,7 @@ def train_and_evaluate(config: FewShotConfig, run_dir: str, *, resume: bool = Fa
 
     model, loss_fn, learner = build(config)
     params = init_params(config, model, train_images.shape[2:])
-    sample = task_sampler(config, batch_size=config.meta_batch, queries=config.queries)
+    sample = task_sampler(config, batch_size=config.meta_batch, queries=config.queries, shots=config.support_shots)
     validate = None
     if val_images is not None:
         config.validate_test(val_images)
@@ -441,13 +553,13 @@ def train_and_evaluate(config: FewShotConfig, run_dir: str, *, resume: bool = Fa
     evaluation = score(config, loss_fn, result.state.meta.params, test_tasks, config.test_inner_steps)
     evaluation.update(meta_steps=int(result.state.step), device=str(jax.devices()[0]), algo=config.algo,
                       ways=config.ways, shots=config.shots, dataset=config.dataset, split=config.split)
-    write_json(os.path.join(run_dir, EVAL_FILE), evaluation)
+    write_json(os.path.join(run_dir, eval_file(config.eval_mode)), evaluation)
     return evaluation
 
 
 def evaluate_run(run_dir: str, *, tasks: int | None = None, inner_steps: int | None = None,
                  eval_queries: int | None = None, data_dir: str | None = None,
-                 cache_dir: str | None = None) -> dict:
+                 cache_dir: str | None = None, eval_mode: str | None = None) -> dict:
     """Evaluates a run's newest checkpoint on the fixed test tasks; writes ``RUN/eval.json``."""
     config = read_config(run_dir)
     config = dataclasses.replace(config, data_dir=data_dir or config.data_dir, cache_dir=cache_dir or config.cache_dir)
@@ -455,6 +567,8 @@ def evaluate_run(run_dir: str, *, tasks: int | None = None, inner_steps: int | N
         config = dataclasses.replace(config, test_tasks=tasks)
     if eval_queries is not None:
         config = dataclasses.replace(config, eval_queries=eval_queries)
+    if eval_mode is not None:
+        config = dataclasses.replace(config, eval_mode=eval_mode)
     steps = config.test_inner_steps if inner_steps is None else inner_steps
     config.validate()
     warn_if_data_differs(run_dir, config)
@@ -466,7 +580,7 @@ def evaluate_run(run_dir: str, *, tasks: int | None = None, inner_steps: int | N
     evaluation = score(config, loss_fn, params, test_tasks, steps)
     evaluation.update(meta_steps=step, device=str(jax.devices()[0]), algo=config.algo, ways=config.ways,
                       shots=config.shots, dataset=config.dataset, split=config.split)
-    write_json(os.path.join(run_dir, EVAL_FILE), evaluation)
+    write_json(os.path.join(run_dir, eval_file(config.eval_mode)), evaluation)
     return evaluation
 
 
@@ -498,7 +612,9 @@ def episode(run_dir: str, support_dir: str, query_dir: str, *, inner_steps: int 
         support = (spec.normalize(support[0].astype(jnp.uint8)), support[1])
         query_x = spec.normalize(query_x.astype(jnp.uint8))
     adapted = adapt_learner(config.algo, loss_fn, meta_params, support, steps=steps, inner_lr=config.inner_lr,
-                            has_aux=True, imaml_lam=config.imaml_lam, mamlpp_per_step_bn=config.per_step_bn)
+                            has_aux=True, imaml_lam=config.imaml_lam, mamlpp_per_step_bn=config.per_step_bn,
+                            inner_optimizer=make_inner_optimizer(config), inner_batch_size=config.test_inner_batch,
+                            key=jax.random.PRNGKey(config.seed))
     logits = model.apply({"params": adapted}, query_x)
     predicted = np.asarray(jnp.argmax(logits[:, : len(class_names)], axis=-1))
     accuracy = float(np.mean(predicted == np.asarray(task.query[1])))

@@ -21,14 +21,15 @@ from jaxmeta.distributed import initialize as initialize_distributed
 from jaxmeta.errors import ConfigError
 from jaxmeta.models.conv4 import CONV_IMPLS
 
-PresetFn = Callable[[str, int, int], dict]
-"""``preset(name, ways, shots) -> field overrides`` of :class:`~jaxmeta.fewshot.FewShotConfig`."""
+PresetFn = Callable[[str, int, int, str], dict]
+"""``preset(name, ways, shots, algo) -> field overrides`` of :class:`~jaxmeta.fewshot.FewShotConfig`."""
 
 # CLI flag → FewShotConfig field, for the flags that override a preset.
 OVERRIDES = ("meta_steps", "meta_batch", "queries", "inner_steps", "inner_lr", "test_inner_steps", "outer_lr",
              "seed", "split", "data_dir", "cache_dir", "conv_impl", "chunk_size", "log_every", "val_every",
-             "checkpoint_every", "max_bad_steps", "val_tasks", "test_tasks", "eval_queries", "remat", "devices",
-             "imaml_lam", "imaml_cg_steps", "imaml_cg_damping", "per_step_bn")
+             "checkpoint_every", "max_bad_steps", "val_tasks", "test_tasks", "eval_queries", "eval_mode", "remat",
+             "devices", "imaml_lam", "imaml_cg_steps", "imaml_cg_damping", "per_step_bn", "train_shots",
+             "inner_optimizer", "inner_beta1", "inner_batch", "test_inner_batch", "persistent_inner_state")
 
 
 def build_parser(dataset: str, presets: Sequence[str], data_env: str) -> ArgumentParser:
@@ -55,6 +56,15 @@ def build_parser(dataset: str, presets: Sequence[str], data_env: str) -> Argumen
                    help="iMAML: solve (I + H/(lambda + D)) g = grad instead of the exact D = 0 (default 0)")
     t.add_argument("--per-step-bn", action="store_true", default=None,
                    help="MAML++: per-step batch-norm weights and biases (BNWB)")
+    t.add_argument("--train-shots", type=positive_int,
+                   help="support examples per class in training tasks (default: --shots; Reptile's paper: 10)")
+    t.add_argument("--inner-optimizer", choices=fewshot.INNER_OPTIMIZERS, help="Reptile: inner sgd (default) or adam")
+    t.add_argument("--inner-beta1", type=nonnegative_float, help="the inner Adam's beta1 (default 0.9; Reptile's 0)")
+    t.add_argument("--inner-batch", type=positive_int, help="Reptile: support examples per inner step (default all)")
+    t.add_argument("--test-inner-batch", type=positive_int,
+                   help="Reptile: support examples per inner step at validation/test time (default all)")
+    t.add_argument("--persistent-inner-state", action="store_true", default=None,
+                   help="Reptile: carry the inner Adam state from task to task (the reference code)")
     t.add_argument("--seed", type=int)
     t.add_argument("--split", choices=("maml", "lake"))
     t.add_argument("--data-dir", help=f"directory of the original data (else ${data_env})")
@@ -67,6 +77,9 @@ def build_parser(dataset: str, presets: Sequence[str], data_env: str) -> Argumen
     t.add_argument("--val-tasks", type=positive_int, help="fixed validation tasks")
     t.add_argument("--eval-queries", type=positive_int,
                    help="query examples per class in validation/test tasks (default: as in training)")
+    t.add_argument("--eval-mode", choices=fewshot.EVAL_MODES,
+                   help="score validation/test query sets in one batch (transductive, the default: MAML's) or "
+                        "each query example with the support set alone (non-transductive: Reptile's)")
     t.add_argument("--test-tasks", type=positive_int, help="fixed test tasks of the final evaluation (600)")
     t.add_argument("--checkpoint-every", type=positive_int)
     t.add_argument("--max-bad-steps", type=positive_int,
@@ -82,6 +95,10 @@ def build_parser(dataset: str, presets: Sequence[str], data_env: str) -> Argumen
     e.add_argument("--tasks", type=positive_int, default=600)
     e.add_argument("--inner-steps", type=nonnegative_int)
     e.add_argument("--eval-queries", type=positive_int, help="query examples per class (default: as in training)")
+    e.add_argument("--eval-mode", choices=fewshot.EVAL_MODES,
+                   help="transductive (the whole query set in one batch; default: the run's) or non-transductive "
+                        "(each query example with the support set alone); writes eval.json or "
+                        "eval-non-transductive.json")
     e.add_argument("--data-dir")
     e.add_argument("--cache-dir")
 
@@ -102,7 +119,7 @@ def config_from_args(dataset: str, preset: PresetFn, args) -> fewshot.FewShotCon
     explicit = {k: getattr(args, k) for k in OVERRIDES if getattr(args, k, None) is not None}
     ways, shots = args.ways or 5, args.shots or 1
     base = dict(dataset=dataset, algo=args.algo or "maml", ways=ways, shots=shots)
-    fields = {**base, **preset(args.preset, ways, shots), **explicit}
+    fields = {**base, **preset(args.preset, ways, shots, base["algo"]), **explicit}
     try:
         config = fewshot.FewShotConfig(**fields)
     except TypeError as e:
@@ -114,7 +131,8 @@ def resumed_config(run_dir: str, args) -> fewshot.FewShotConfig:
     """A resumed run keeps its stored configuration; only the budget and bookkeeping may change."""
     config = fewshot.read_config(run_dir)
     changeable = ("meta_steps", "log_every", "val_every", "checkpoint_every", "max_bad_steps", "data_dir",
-                  "cache_dir", "chunk_size", "test_tasks", "val_tasks", "test_inner_steps", "eval_queries", "devices")
+                  "cache_dir", "chunk_size", "test_tasks", "val_tasks", "test_inner_steps", "eval_queries",
+                  "eval_mode", "test_inner_batch", "devices")
     updates = {k: getattr(args, k) for k in changeable if getattr(args, k, None) is not None}
     fixed = [k for k in OVERRIDES if k not in changeable and getattr(args, k, None) is not None
              and getattr(args, k) != getattr(config, k)]
@@ -139,13 +157,14 @@ def main(dataset: str, preset: PresetFn, presets: Sequence[str], data_env: str,
         config.validate()
         result = fewshot.train_and_evaluate(config, out, resume=args.resume, progress=not args.no_progress)
         print(json.dumps({k: result[k] for k in ("accuracy", "ci95", "tasks", "inner_steps")}))
-        print(f"run written to {os.path.abspath(out)} (eval.json, metrics.jsonl, curve.png, checkpoints/)")
+        print(f"run written to {os.path.abspath(out)} ({fewshot.eval_file(config.eval_mode)}, metrics.jsonl, curve.png, "
+              "checkpoints/)")
         return result
     if args.command == "evaluate":
         result = fewshot.evaluate_run(args.run, tasks=args.tasks, inner_steps=args.inner_steps,
                                       eval_queries=args.eval_queries, data_dir=args.data_dir,
-                                      cache_dir=args.cache_dir)
-        print(json.dumps({k: result[k] for k in ("accuracy", "ci95", "tasks", "inner_steps")}))
+                                      cache_dir=args.cache_dir, eval_mode=args.eval_mode)
+        print(json.dumps({k: result[k] for k in ("accuracy", "ci95", "tasks", "inner_steps", "eval_mode")}))
         return result
     if args.command == "compare":
         fewshot.plot_comparison(args.runs, args.out)

@@ -110,21 +110,79 @@ def adapt_and_observe(
     has_aux: bool = False,
     observe: Callable[[Params], PyTree] | None = None,
     proximal: float | None = None,
+    batches: jax.Array | None = None,
+    opt_state: optax.OptState | None = None,
 ) -> tuple[Params, PyTree]:
     """:func:`inner_adapt`, also returning ``observe(params)`` before every step and after the last.
 
     The observations are stacked along a leading axis of length ``steps + 1``
     (``None`` when ``observe`` is ``None``).  Evaluation uses this to score the
     query set after 0, 1, ..., ``steps`` inner steps in one scan.
+
+    ``batches`` (``int[steps, B]``, e.g. from :func:`minibatch_schedule`)
+    makes step ``i`` use the support examples ``batches[i]`` instead of the
+    whole support set; ``opt_state`` starts the inner optimiser from a given
+    state instead of a fresh one.
+    """
+    params, _, seen = adapt_with_state(loss_fn, params, batch, steps=steps, lr=lr, first_order=first_order,
+                                       remat=remat, optimizer=optimizer, has_aux=has_aux, observe=observe,
+                                       proximal=proximal, batches=batches, opt_state=opt_state)
+    return params, seen
+
+
+def minibatch_schedule(key: jax.Array, examples: int, steps: int, batch_size: int) -> jax.Array:
+    """Which support examples each inner step uses: ``int32[steps, batch_size]``.
+
+    Mini-batches are drawn without replacement: the examples are shuffled,
+    cut into consecutive batches, and shuffled again whenever they run out,
+    a batch continuing across the boundary (openai/supervised-reptile's
+    ``_mini_batches``).  Every example is used once per pass.
+
+    Examples:
+      >>> import jax
+      >>> order = minibatch_schedule(jax.random.PRNGKey(0), 50, 5, 10)
+      >>> order.shape, sorted(order.ravel().tolist()) == list(range(50))
+      ((5, 10), True)
+    """
+    if examples < 1 or batch_size < 1 or steps < 0:
+        raise ValueError(f"need examples, batch_size >= 1 and steps >= 0, got {examples}, {batch_size}, {steps}")
+    passes = max(-(-steps * batch_size // examples), 1)
+    order = jax.vmap(lambda k: jax.random.permutation(k, examples))(jax.random.split(key, passes))
+    return order.reshape(-1)[: steps * batch_size].reshape(steps, batch_size).astype(jnp.int32)
+
+
+def adapt_with_state(
+    loss_fn: LossFn,
+    params: Params,
+    batch: Batch,
+    *,
+    steps: int,
+    lr: float | jax.Array | PyTree = 0.01,
+    first_order: bool = False,
+    remat: bool = False,
+    optimizer: optax.GradientTransformation | None = None,
+    has_aux: bool = False,
+    observe: Callable[[Params], PyTree] | None = None,
+    proximal: float | None = None,
+    batches: jax.Array | None = None,
+    opt_state: optax.OptState | None = None,
+) -> tuple[Params, optax.OptState, PyTree]:
+    """The inner loop itself: :func:`adapt_and_observe`, also returning the inner optimiser's final state.
+
+    Reptile's reference implementation keeps one inner Adam state across
+    tasks: pass it in as ``opt_state`` and carry the returned one on.
     """
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
     if isinstance(proximal, (int, float)) and not proximal > 0:
         raise ValueError(f"proximal must be > 0, got {proximal}")
+    if batches is not None and batches.shape[0] != steps:
+        raise ValueError(f"batches must hold one row of example indices per step ({steps}), got {batches.shape}")
     anchor = params
 
-    def support_loss(p):
-        loss = loss_value(loss_fn, p, batch, has_aux=has_aux)[0]
+    def support_loss(p, examples):
+        data = batch if examples is None else jax.tree.map(lambda a: a[examples], batch)
+        loss = loss_value(loss_fn, p, data, has_aux=has_aux)[0]
         if proximal is None:
             return loss
         sq = sum(jnp.sum(jnp.square(pi - ai)) for pi, ai in zip(jax.tree.leaves(p), jax.tree.leaves(anchor)))
@@ -132,36 +190,37 @@ def adapt_and_observe(
 
     grad_fn = jax.grad(support_loss)
 
-    def gradient(p):
-        g = grad_fn(p)
+    def gradient(p, examples):
+        g = grad_fn(p, examples)
         return jax.lax.stop_gradient(g) if first_order else g
 
-    def update(p, opt_state):
+    def update(p, opt_state, examples):
         if optimizer is None:
-            return jax.tree.map(jnp.subtract, p, _scale(lr, gradient(p))), opt_state
-        updates, opt_state = optimizer.update(gradient(p), opt_state, p)
+            return jax.tree.map(jnp.subtract, p, _scale(lr, gradient(p, examples))), opt_state
+        updates, opt_state = optimizer.update(gradient(p, examples), opt_state, p)
         return optax.apply_updates(p, updates), opt_state
 
-    def step(carry, _):
+    def step(carry, examples):
         p, opt_state = carry
         seen = None if observe is None else observe(p)
-        return update(p, opt_state), seen
+        return update(p, opt_state, examples), seen
 
     body = jax.checkpoint(step) if remat else step
-    opt_state = None if optimizer is None else optimizer.init(params)
+    if opt_state is None and optimizer is not None:
+        opt_state = optimizer.init(params)
     carry, observed = (params, opt_state), []
     if steps == 1:
         # One step needs no scan, and outside a scan the step sees the shared (unbatched)
         # initialisation: vmapped over tasks, its products at θ take every task's examples in one
         # matmul (a scan's carry is per task from the start).  More steps keep one scan, so the
         # compiled program does not grow with them.
-        carry, first = body(carry, None)
+        carry, first = body(carry, None if batches is None else batches[0])
         observed.append(None if observe is None else jax.tree.map(lambda x: x[None], first))
     elif steps:
-        carry, seen = jax.lax.scan(body, carry, None, length=steps)
+        carry, seen = jax.lax.scan(body, carry, batches, length=steps)
         observed.append(seen)
-    params, seen = carry[0], None
+    (params, opt_state), seen = carry, None
     if observe is not None:
         observed.append(jax.tree.map(lambda x: x[None], observe(params)))
         seen = jax.tree.map(lambda *xs: jnp.concatenate(xs), *observed)
-    return params, seen
+    return params, opt_state, seen

@@ -23,6 +23,7 @@ from jaxmeta.models import (
     conv4_omniglot,
     max_pool_2x2_native,
     max_pool_2x2_patches,
+    non_transductive_classification_score,
     regression_loss,
     resolve_conv_impl,
     same_padding,
@@ -318,3 +319,36 @@ def test_regression_loss_with_mlp_is_differentiable():
     assert loss.shape == ()
     grads = jax.grad(loss_fn)(params, (x, y))
     assert jax.tree.structure(grads) == jax.tree.structure(params)
+
+
+def test_non_transductive_score_predicts_each_query_example_with_the_support_set_alone():
+    """Reptile's evaluation: query example j is scored in a batch of the support set plus x_j only."""
+    model = Conv4(ways=3, filters=8, stride=2)
+    rng = np.random.default_rng(5)
+    support = (jnp.asarray(rng.normal(size=(3, 12, 12, 1)), jnp.float32), jnp.arange(3))
+    query = (jnp.asarray(rng.normal(size=(6, 12, 12, 1)), jnp.float32), jnp.array([0, 1, 2, 2, 1, 0]))
+    params = model.init(jax.random.PRNGKey(0), support[0])["params"]
+    score = jax.jit(non_transductive_classification_score(model))
+    loss, aux = score(params, support, query)
+
+    # By hand: one forward pass per query example, its own row of the logits.
+    rows = np.stack([np.asarray(model.apply({"params": params}, jnp.concatenate([support[0], query[0][j:j + 1]])))[-1]
+                     for j in range(6)])
+    logp = rows - np.log(np.exp(rows).sum(-1, keepdims=True))
+    labels = np.asarray(query[1])
+    np.testing.assert_allclose(loss, -logp[np.arange(6), labels].mean(), rtol=1e-5)
+    np.testing.assert_allclose(aux["accuracy"], np.mean(rows.argmax(-1) == labels), rtol=1e-6)
+
+    # No query example sees another: the set's score is the mean of each example's scored alone, while
+    # transductively (batch norm over the query set) example 0's logits move when the others change.
+    singles = [score(params, support, (query[0][j:j + 1], query[1][j:j + 1]))[0] for j in range(6)]
+    np.testing.assert_allclose(loss, np.mean(singles), rtol=1e-5)
+    first_logits = lambda x: np.asarray(model.apply({"params": params}, x))[0]
+    assert np.abs(first_logits(query[0]) - first_logits(query[0].at[1:].multiply(3.0))).max() > 1e-3
+
+    # Without batch norm there is nothing to share: both modes agree.
+    mlp = MLP(features=(16,), out=3)
+    flat = (support[0].reshape(3, -1), support[1]), (query[0].reshape(6, -1), query[1])
+    mlp_params = mlp.init(jax.random.PRNGKey(1), flat[0][0])["params"]
+    np.testing.assert_allclose(non_transductive_classification_score(mlp)(mlp_params, *flat)[0],
+                               classification_loss(mlp)(mlp_params, flat[1])[0], rtol=1e-5)

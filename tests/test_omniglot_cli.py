@@ -57,6 +57,21 @@ def test_evaluate_command(quick_run, env):
     assert json.loads((out / "eval.json").read_text())["accuracy"] == printed["accuracy"]
 
 
+def test_evaluate_non_transductive_writes_its_own_file(quick_run, env, capsys, monkeypatch):
+    """Reptile's evaluation mode: each query example scored with the support set alone, in its own file."""
+    out, _ = quick_run
+    before = (out / "eval.json").read_text()
+    code, stderr, _ = run_in_process(omniglot.main, ["evaluate", "--run", str(out), "--tasks", "100",
+                                                     "--eval-mode", "non-transductive"], capsys, env=env,
+                                     monkeypatch=monkeypatch)
+    assert code == 0, stderr
+    evaluation = json.loads((out / "eval-non-transductive.json").read_text())
+    assert evaluation["eval_mode"] == "non-transductive" and evaluation["tasks"] == 100
+    assert evaluation["accuracy"] > 0.5, evaluation  # chance is 0.2
+    assert (out / "eval.json").read_text() == before
+    assert json.loads(before)["eval_mode"] == "transductive"
+
+
 def make_episode(root, omniglot_dir, *, classes=5, support=1, query=2, skip_query_class=False):
     """A folder episode of real Omniglot PNGs (105x105, unpreprocessed) from held-out characters."""
     with zipfile.ZipFile(omniglot_dir / "images_evaluation.zip") as zf:

@@ -360,7 +360,7 @@ def mamlpp_adapt(
     return adapted if at_step is None else at_step(adapted, steps)
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn", "has_aux", "chunk_size", "per_step", "steps"))
+@functools.partial(jax.jit, static_argnames=("loss_fn", "has_aux", "chunk_size", "per_step", "steps", "query_score"))
 def mamlpp_evaluate(
     loss_fn: LossFn,
     params: Params,
@@ -371,6 +371,7 @@ def mamlpp_evaluate(
     chunk_size: int | None = 50,
     per_step: LeafPredicate | None = None,
     steps: int | None = None,
+    query_score: Callable | None = None,
 ):
     """:func:`jaxmeta.evaluate` with per-step rates: query metrics after 0..N steps.
 
@@ -385,11 +386,13 @@ def mamlpp_evaluate(
         trained with ``per_step_bn=True``; ``None`` otherwise.
       steps: test with this many steps instead of N (:func:`rates_for_steps`:
         the last step's rate, and batch-norm row, beyond the trained steps).
+      query_score: how adapted parameters are scored on the query set, as in
+        :func:`jaxmeta.evaluate` (``None``: ``loss_fn`` on the whole query batch).
 
     Returns:
       A :class:`jaxmeta.EvalResult` with ``[N + 1]`` (or ``[steps + 1]``) means and CIs.
     """
-    from jaxmeta.evaluation import EvalResult, ci95  # lazy: evaluation imports the algorithms package
+    from jaxmeta.evaluation import EvalResult, ci95, query_observer  # lazy: evaluation imports the algorithms package
 
     if steps is not None:
         lrs = rates_for_steps(lrs, steps)
@@ -399,9 +402,7 @@ def mamlpp_evaluate(
     view = _identity_view if at_step is None else at_step
 
     def per_task(task):
-        def observe(p):
-            loss, aux = loss_value(loss_fn, p, task.query, has_aux=has_aux)
-            return {"loss": loss, **aux}
+        observe = query_observer(loss_fn, task, has_aux=has_aux, query_score=query_score)
 
         _, seen = adapt_per_step(loss_fn, params, task.support, lrs=lrs, has_aux=has_aux, observe=observe,
                                  at_step=at_step)

@@ -16,7 +16,7 @@ from jaxmeta.models.conv4 import (
     resolve_conv_impl,
     same_padding,
 )
-from jaxmeta.models.losses import classification_loss, regression_loss
+from jaxmeta.models.losses import classification_loss, non_transductive_classification_score, regression_loss
 from jaxmeta.models.mlp import MLP
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "conv4_omniglot",
     "max_pool_2x2_native",
     "max_pool_2x2_patches",
+    "non_transductive_classification_score",
     "regression_loss",
     "resolve_conv_impl",
     "same_padding",

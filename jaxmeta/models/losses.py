@@ -20,6 +20,13 @@ ClassificationLossFn = Callable[[Params, Batch], tuple[jax.Array, dict[str, jax.
 RegressionLossFn = Callable[[Params, Batch], jax.Array]
 
 
+def _cross_entropy_and_accuracy(logits: jax.Array, y: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    labels = y.astype(jnp.int32)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    accuracy = jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(logits.dtype))
+    return loss, {"accuracy": accuracy}
+
+
 def classification_loss(model: nn.Module) -> ClassificationLossFn:
     """Mean softmax cross-entropy with integer labels, plus accuracy.
 
@@ -34,13 +41,53 @@ def classification_loss(model: nn.Module) -> ClassificationLossFn:
 
     def loss_fn(params: Params, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
         x, y = batch
-        logits = model.apply({"params": params}, x)
-        labels = y.astype(jnp.int32)
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-        accuracy = jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(logits.dtype))
-        return loss, {"accuracy": accuracy}
+        return _cross_entropy_and_accuracy(model.apply({"params": params}, x), y)
 
     return loss_fn
+
+
+QueryScore = Callable[[Params, Batch, Batch], tuple[jax.Array, dict[str, jax.Array]]]
+"""``score(params, support, query) -> (loss, aux)``: how an adapted model is scored on a query set."""
+
+
+def non_transductive_classification_score(model: nn.Module) -> QueryScore:
+    """Scores each query example alone: in one batch with the whole support set, never with another query.
+
+    With batch norm over the batch (as in :class:`~jaxmeta.models.Conv4`),
+    scoring the query set in one batch lets its examples see each other's
+    statistics (*transductive*, the MAML reference code's evaluation).  This
+    is the Reptile paper's non-transductive evaluation (openai/supervised-reptile
+    without ``--transductive``): query example ``j`` is predicted in a batch of
+    the support images plus ``x_j``, and only that last row is scored.
+
+    Args:
+      model: A module mapping ``x`` to logits ``[N, classes]``.
+
+    Returns:
+      ``score(params, support, (x, y)) -> (loss, {"accuracy"})``, the mean
+      cross-entropy and accuracy over the query examples.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxmeta.models import Conv4
+      >>> model = Conv4(ways=2, filters=4)
+      >>> x = jax.random.normal(jax.random.PRNGKey(0), (6, 8, 8, 1)); y = jnp.array([0, 1, 0, 1, 0, 1])
+      >>> params = model.init(jax.random.PRNGKey(1), x)["params"]
+      >>> loss, aux = non_transductive_classification_score(model)(params, (x[:2], y[:2]), (x[2:], y[2:]))
+      >>> loss.shape, aux["accuracy"].shape
+      ((), ())
+    """
+
+    def score(params: Params, support: Batch, query: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
+        context, (x, y) = support[0], query
+
+        def alone(example):
+            batch = jnp.concatenate([context, example[None].astype(context.dtype)])
+            return model.apply({"params": params}, batch)[-1]
+
+        return _cross_entropy_and_accuracy(jax.vmap(alone)(x), y)
+
+    return score
 
 
 def regression_loss(model: nn.Module) -> RegressionLossFn:
