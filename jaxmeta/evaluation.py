@@ -11,7 +11,7 @@ import numpy as np
 import optax
 
 from jaxmeta.algorithms.base import map_tasks
-from jaxmeta.inner import LossFn, adapt_and_observe, loss_value, minibatch_schedule
+from jaxmeta.inner import LossFn, adapt_and_observe, loss_value, task_schedule
 from jaxmeta.types import Params, PyTree, Task
 
 
@@ -105,10 +105,7 @@ def evaluate(
     def observe_query(xs):
         task, index = xs
         observe = query_observer(loss_fn, task, has_aux=has_aux, query_score=query_score)
-        batches = None
-        if inner_batch_size is not None:
-            examples = jax.tree.leaves(task.support)[0].shape[0]
-            batches = minibatch_schedule(jax.random.fold_in(base_key, index), examples, steps, inner_batch_size)
+        batches = task_schedule(jax.random.fold_in(base_key, index), task.support, steps, inner_batch_size)
         _, seen = adapt_and_observe(
             loss_fn,
             params,

@@ -151,6 +151,13 @@ def minibatch_schedule(key: jax.Array, examples: int, steps: int, batch_size: in
     return order.reshape(-1)[: steps * batch_size].reshape(steps, batch_size).astype(jnp.int32)
 
 
+def task_schedule(key: jax.Array, batch: Batch, steps: int, batch_size: int | None) -> jax.Array | None:
+    """One task's inner mini-batches from its support ``batch`` (``None`` when ``batch_size`` is: the whole set)."""
+    if batch_size is None:
+        return None
+    return minibatch_schedule(key, jax.tree.leaves(batch)[0].shape[0], steps, batch_size)
+
+
 def adapt_with_state(
     loss_fn: LossFn,
     params: Params,

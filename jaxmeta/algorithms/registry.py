@@ -14,9 +14,9 @@ from jaxmeta.algorithms.maml import maml
 from jaxmeta.algorithms.mamlpp import is_batch_norm, mamlpp, mamlpp_adapt, mamlpp_evaluate, mamlpp_params
 from jaxmeta.algorithms.meta_sgd import meta_sgd, meta_sgd_params
 from jaxmeta.algorithms.pretrain import pretrain
-from jaxmeta.algorithms.reptile import reptile, reptile_params, task_schedule
+from jaxmeta.algorithms.reptile import reptile, reptile_params
 from jaxmeta.errors import ConfigError
-from jaxmeta.inner import LossFn, adapt_with_state
+from jaxmeta.inner import LossFn, adapt_with_state, task_schedule
 from jaxmeta.types import Batch, Params, PyTree, Task
 
 BASE_ALGORITHMS = ("maml", "fomaml", "reptile", "pretrain")

@@ -15,7 +15,7 @@ from jaxmeta.algorithms.base import (
     mean_metrics,
     query_before_after,
 )
-from jaxmeta.inner import LossFn, adapt_with_state, minibatch_schedule
+from jaxmeta.inner import LossFn, adapt_with_state, task_schedule
 from jaxmeta.types import Params, PyTree, Task
 
 INNER_STATE = "inner_state"
@@ -27,13 +27,6 @@ def reptile_params(meta_params: PyTree) -> tuple[Params, PyTree | None]:
     if isinstance(meta_params, dict) and set(meta_params) == {"params", INNER_STATE}:
         return meta_params["params"], meta_params[INNER_STATE]
     return meta_params, None
-
-
-def task_schedule(key: jax.Array, batch, steps: int, batch_size: int | None) -> jax.Array | None:
-    """The inner mini-batches of one task (``None``: the whole support set at every step)."""
-    if batch_size is None:
-        return None
-    return minibatch_schedule(key, jax.tree.leaves(batch)[0].shape[0], steps, batch_size)
 
 
 def reptile(
