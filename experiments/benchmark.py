@@ -291,7 +291,7 @@ def torch_comparison(config, args, *, contestants: Sequence[str] = CONTESTANTS) 
     from jaxmeta import benchmarking as bm
 
     check_torch_config(config)
-    threads = args.torch_threads or bm._cpu_count()
+    threads = args.torch_threads or bm.cpu_count()
     log = lambda m: _say(f"[torch] {m}")  # noqa: E731
     with tempfile.TemporaryDirectory(prefix="jaxmeta-torch-") as tmp:
         episode = os.path.join(tmp, "episode.npz")

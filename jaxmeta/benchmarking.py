@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import platform
 import re
 import statistics
 import time
@@ -43,6 +42,7 @@ import numpy as np
 
 from jaxmeta.algorithms.anil import flax_anil_fns
 from jaxmeta.algorithms.registry import ALGORITHMS, make_learner
+from jaxmeta.distributed import cpu_count, device_description  # noqa: F401 - device_description: part of this API
 from jaxmeta.errors import ConfigError
 from jaxmeta.io import save_figure
 from jaxmeta.training import guarded_step, init_train_state, make_train_chunk
@@ -430,30 +430,6 @@ def matmul_ceiling(jaxpr, *, repeats: int = 5, log: Callable[[str], None] | None
 
 
 # --------------------------------------------------------------------------- hardware
-
-
-def device_description() -> dict:
-    """The default device and host, for the report."""
-    dev = jax.devices()[0]
-    return {
-        "backend": jax.default_backend(),
-        "device_kind": getattr(dev, "device_kind", str(dev)),
-        "devices": len(jax.devices()),
-        "cpu_count": _cpu_count(),
-        "processor": platform.processor() or platform.machine(),
-        "jax": jax.__version__,
-    }
-
-
-def _cpu_count() -> int:
-    try:
-        import os
-
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # pragma: no cover - non-Linux
-        import os
-
-        return os.cpu_count() or 1
 
 
 def matmul_peak_gflops(n: int = 2048, repeats: int = 5, dtype=jnp.float32) -> dict:

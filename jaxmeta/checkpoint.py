@@ -54,8 +54,8 @@ def config_identity(config: Any, *, exclude: Collection[str] = (), later: Collec
             if k not in exclude and not (k in later and v == defaults[k])}
 
 
-def manager(run_dir: str, *, keep: int = 3, create: bool = True) -> ocp.CheckpointManager:
-    """The run's checkpoint manager (atomic saves, keeps the last ``keep``)."""
+def manager(run_dir: str, *, keep: int | None = 3, create: bool = True) -> ocp.CheckpointManager:
+    """The run's checkpoint manager (atomic saves, keeps the last ``keep``; ``None``: every one)."""
     directory = os.path.abspath(os.path.join(run_dir, CHECKPOINT_DIR))
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
     return ocp.CheckpointManager(directory, options=options)
@@ -212,6 +212,24 @@ def restore(run_dir: str, abstract_state: Any, identity: dict, *, step: int | No
         return jax.tree.unflatten(jax.tree.structure(abstract_state), jax.tree.leaves(out["state"]))
 
     return _first_intact(run_dir, step, load)
+
+
+def prune(mngr: ocp.CheckpointManager, keep: Collection[int]) -> list[int]:
+    """Deletes every checkpoint of ``mngr`` whose step is not in ``keep``; returns the deleted steps.
+
+    Their checksum records go with them. (Orbax's ``max_to_keep`` only keeps
+    the newest; this keeps any chosen set, e.g. the best by validation.)
+    """
+    directory = os.fspath(mngr.directory)
+    run_dir = os.path.dirname(directory)
+    keep = {int(s) for s in keep}
+    deleted = [s for s in sorted(mngr.all_steps()) if s not in keep]
+    for s in deleted:
+        mngr.delete(s)
+    if deleted and os.path.exists(checksum_path(run_dir)):
+        record = read_checksums(run_dir)
+        write_json(checksum_path(run_dir), {k: v for k, v in record.items() if int(k) not in set(deleted)})
+    return deleted
 
 
 def set_aside(run_dir: str, bad_steps: Collection[int]) -> list[str]:

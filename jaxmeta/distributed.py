@@ -11,6 +11,7 @@ host then runs the same program over the global devices.
 from __future__ import annotations
 
 import os
+import platform
 
 import jax
 import numpy as np
@@ -68,3 +69,44 @@ def replicate(tree: PyTree, mesh: Mesh | None) -> PyTree:
     if mesh is None:
         return tree
     return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+
+
+def cpu_count() -> int:
+    """CPU cores this process may run on (its affinity mask where the system has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - non-Linux
+        return os.cpu_count() or 1
+
+
+def device_description() -> dict:
+    """The default device and host (recorded with benchmarks and training runs)."""
+    dev = jax.devices()[0]
+    return {
+        "backend": jax.default_backend(),
+        "device_kind": getattr(dev, "device_kind", str(dev)),
+        "devices": len(jax.devices()),
+        "cpu_count": cpu_count(),
+        "processor": _cpu_model() or platform.processor() or platform.machine(),
+        "jax": jax.__version__,
+    }
+
+
+def machine_name(description: dict | None = None) -> str:
+    """A short name of the machine a run used: ``"one NVIDIA H200"``, ``"AMD EPYC ..., 2 CPU cores"``."""
+    d = device_description() if description is None else description
+    if d.get("backend") == "cpu":
+        return f"{d.get('processor')}, {d.get('cpu_count')} CPU cores"
+    n = d.get("devices", 1)
+    return f"{'one' if n == 1 else n} {d.get('device_kind')}"
+
+
+def _cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None

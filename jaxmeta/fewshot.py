@@ -20,6 +20,7 @@ import functools
 import json
 import os
 import warnings
+from collections.abc import Sequence
 from typing import Callable, NamedTuple
 
 import jax
@@ -31,7 +32,8 @@ from jaxmeta import checkpoint as ckpt
 from jaxmeta.algorithms.anil import flax_anil_fns
 from jaxmeta.algorithms.registry import ALGORITHMS, adapt_learner, evaluate_learner, make_learner
 from jaxmeta.data import episodes, provenance
-from jaxmeta.distributed import check_meta_batch, task_mesh
+from jaxmeta.distributed import check_meta_batch, machine_name, task_mesh
+from jaxmeta.evaluation import ci95
 from jaxmeta.errors import CheckpointError, ConfigError, DataError, JaxmetaWarning
 from jaxmeta.io import read_jsonl, save_figure, write_json
 from jaxmeta.models import (
@@ -39,8 +41,9 @@ from jaxmeta.models import (
     conv4_miniimagenet,
     conv4_omniglot,
     non_transductive_classification_score,
+    transductive_classification_score,
 )
-from jaxmeta.training import METRICS_FILE, init_train_state, steady_step_ms, train
+from jaxmeta.training import METRICS_FILE, Interrupted, best_steps, init_train_state, steady_step_ms, train
 
 CONFIG_FILE = "config.json"
 EVAL_FILE = "eval.json"
@@ -124,10 +127,12 @@ INNER_OPTIMIZERS = ("sgd", "adam")
 """The inner optimisers a run can choose (Adam for Reptile's protocol)."""
 
 
-def eval_file(eval_mode: str = "transductive") -> str:
+def eval_file(eval_mode: str = "transductive", ensemble: int = 0) -> str:
     """The run file of a test evaluation: ``eval.json``, or ``eval-non-transductive.json`` for that mode
-    (a run can hold both, as the Reptile paper reports both)."""
-    return EVAL_FILE if eval_mode == "transductive" else f"eval-{eval_mode}.json"
+    (a run can hold both, as the Reptile paper reports both); a K-checkpoint ensemble's adds
+    ``-ensembleK`` (``eval-ensemble5.json``)."""
+    stem = "eval" if eval_mode == "transductive" else f"eval-{eval_mode}"
+    return f"{stem}-ensemble{ensemble}.json" if ensemble else (EVAL_FILE if stem == "eval" else f"{stem}.json")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,6 +188,7 @@ class FewShotConfig:
     log_every: int = 100
     val_every: int = 1_000
     checkpoint_every: int = 1_000
+    keep_best: int = 0
     max_bad_steps: int = 20
     devices: int | None = None
     data_dir: str | None = None
@@ -190,7 +196,7 @@ class FewShotConfig:
 
     IDENTITY_EXCLUDE = ("meta_steps", "log_every", "val_every", "checkpoint_every", "max_bad_steps",
                         "data_dir", "cache_dir", "test_tasks", "val_tasks", "test_inner_steps", "chunk_size",
-                        "eval_queries", "eval_mode", "test_inner_batch", "devices")
+                        "eval_queries", "eval_mode", "test_inner_batch", "devices", "keep_best")
 
     IDENTITY_LATER = ("imaml_lam", "imaml_cg_steps", "imaml_cg_damping", "per_step_bn", "train_shots",
                       "inner_optimizer", "inner_beta1", "inner_batch", "persistent_inner_state")
@@ -211,6 +217,8 @@ class FewShotConfig:
                      "imaml_cg_steps"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.keep_best < 0:
+            raise ConfigError(f"keep-best must be >= 0, got {self.keep_best}")
         if self.test_inner_steps < 0:
             raise ConfigError(f"test-inner-steps must be >= 0, got {self.test_inner_steps}")
         for name in ("inner_lr", "outer_lr", "reptile_epsilon", "imaml_lam"):
@@ -379,23 +387,57 @@ def fixed_tasks(config: FewShotConfig, images: np.ndarray, *, num_tasks: int, se
 
 
 @functools.lru_cache(maxsize=None)
-def query_score(config: FewShotConfig):
-    """The query scorer of ``config.eval_mode`` (``None``: the whole query set in one batch).
+def query_score(config: FewShotConfig, probabilities: bool = False):
+    """The query scorer of ``config.eval_mode`` (``None``: the whole query set in one batch with the loss).
 
-    Cached per configuration, so the evaluation programs compiled for it are
-    reused (the scorer is a static argument of the compiled evaluation).
+    With ``probabilities`` its ``aux`` also holds every query example's
+    softmax (what :func:`ensemble_score` averages). Cached per configuration,
+    so the evaluation programs compiled for it are reused (the scorer is a
+    static argument of the compiled evaluation).
     """
+    model = DATASETS[config.dataset].model(config.ways, config.conv_impl)
     if config.eval_mode == "transductive":
-        return None
-    return non_transductive_classification_score(DATASETS[config.dataset].model(config.ways, config.conv_impl))
+        return transductive_classification_score(model, probabilities=True) if probabilities else None
+    return non_transductive_classification_score(model, probabilities=probabilities)
+
+
+def _evaluate(config: FewShotConfig, loss_fn, meta_params, tasks, steps: int, *, probabilities: bool = False):
+    return evaluate_learner(config.algo, loss_fn, meta_params, tasks, steps=steps, inner_lr=config.inner_lr,
+                            has_aux=True, imaml_lam=config.imaml_lam, mamlpp_per_step_bn=config.per_step_bn,
+                            query_score=query_score(config, probabilities), inner_optimizer=make_inner_optimizer(config),
+                            inner_batch_size=config.test_inner_batch, key=jax.random.PRNGKey(config.seed))
+
+
+def ensemble_score(config: FewShotConfig, loss_fn, members: Sequence, tasks, steps: int) -> dict:
+    """Accuracy of a checkpoint ensemble: each member adapts to every task on its own, the
+    members' softmax outputs on each query example are averaged, and the arg-max is the prediction.
+
+    ``members`` are meta-parameters (e.g. the K best checkpoints by validation,
+    MAML++'s reported protocol). Returns the ensemble's accuracy and 95% CI
+    over tasks after ``steps`` inner steps, and each member's own accuracy.
+    """
+    probabilities, alone = [], []
+    for params in members:
+        result = _evaluate(config, loss_fn, params, tasks, steps, probabilities=True)
+        probabilities.append(np.asarray(result.per_task["probabilities"][:, -1], np.float64))  # [tasks, Q, C]
+        alone.append(float(result.mean["accuracy"][-1]))
+    predicted = np.mean(probabilities, axis=0).argmax(-1)
+    per_task = (predicted == np.asarray(tasks.query[1])).mean(-1)
+    return {
+        "accuracy": float(per_task.mean()),
+        "ci95": float(ci95(jnp.asarray(per_task))),
+        "tasks": int(per_task.shape[0]),
+        "inner_steps": int(steps),
+        "queries_per_class": int(config.test_queries),
+        "eval_mode": config.eval_mode,
+        "ensemble": len(members),
+        "member_accuracy": alone,
+    }
 
 
 def score(config: FewShotConfig, loss_fn, meta_params, tasks, steps: int) -> dict:
     """Accuracy (and loss) after 0..steps inner steps, mean and 95% CI over tasks."""
-    result = evaluate_learner(config.algo, loss_fn, meta_params, tasks, steps=steps, inner_lr=config.inner_lr,
-                              has_aux=True, imaml_lam=config.imaml_lam, mamlpp_per_step_bn=config.per_step_bn,
-                              query_score=query_score(config), inner_optimizer=make_inner_optimizer(config),
-                              inner_batch_size=config.test_inner_batch, key=jax.random.PRNGKey(config.seed))
+    result = _evaluate(config, loss_fn, meta_params, tasks, steps)
     acc, ci = np.asarray(result.mean["accuracy"]), np.asarray(result.ci95["accuracy"])
     return {
         "accuracy": float(acc[-1]),
@@ -461,15 +503,56 @@ def _warn_if_differs(run_dir: str, dataset: str, current: dict, what: str) -> No
                       JaxmetaWarning, stacklevel=3)
 
 
-def load_params(run_dir: str, config: FewShotConfig, model, example_shape):
-    """The newest checkpoint's step and meta-parameters (for Meta-SGD and MAML++ with their rates)."""
+def load_params(run_dir: str, config: FewShotConfig, model, example_shape, *, step: int | None = None):
+    """A checkpoint's step and meta-parameters (for Meta-SGD and MAML++ with their rates).
+
+    ``step``: which checkpoint (default: the newest intact one).
+    """
     _, _, learner = build(config)
-    params = init_params(config, model, example_shape)
-    abstract = jax.eval_shape(lambda: init_train_state(learner, params, jax.random.PRNGKey(0)))
+    abstract = jax.eval_shape(lambda: init_train_state(learner, init_params(config, model, example_shape),
+                                                       jax.random.PRNGKey(0)))
     if ckpt.latest_step(run_dir) is None:
         raise CheckpointError(f"no checkpoint in {run_dir}")
-    step, state = ckpt.restore(run_dir, abstract, config.identity())
+    step, state = ckpt.restore(run_dir, abstract, config.identity(), step=step)
     return step, state.meta.params
+
+
+def ensemble_members(run_dir: str, k: int, metric: str = "val/accuracy") -> list[int]:
+    """The steps of the ``k`` checkpoints of a run with the best validation ``metric``, best first.
+
+    Raises:
+      ConfigError: the run holds fewer than ``k`` validated checkpoints.
+    """
+    candidates = best_steps(read_jsonl(os.path.join(run_dir, METRICS_FILE)), metric, k, among=ckpt.steps(run_dir))
+    if len(candidates) < k:
+        raise ConfigError(f"{run_dir} holds {len(candidates)} validated checkpoint(s), fewer than the ensemble's "
+                          f"{k} (train with --keep-best {k})")
+    return candidates
+
+
+def write_training(run_dir: str, *, resume: bool, meta_steps: int, seconds: float, step_ms: Sequence[float],
+                   skipped_steps: int | None = None) -> dict:
+    """Writes ``RUN/train.json`` after a training call (finished or interrupted): the meta-steps reached,
+    this call's and all calls' wall time, the steady ms per meta-step, machine and code commit."""
+    before = read_training(run_dir) if resume else {}
+    training = {"meta_steps": meta_steps, "skipped_steps": skipped_steps, "train_seconds_this_call": seconds,
+                "train_seconds_total": before.get("train_seconds_total", before.get("train_seconds_this_call", 0.0))
+                + seconds,
+                "calls": before.get("calls", 1 if before else 0) + 1, "resumed": resume,
+                "device": str(jax.devices()[0]), "machine": machine_name(), "commit": provenance.code_commit(),
+                "ms_per_meta_step": steady_step_ms(step_ms), "dispatches_timed": max(len(step_ms) - 1, 0)}
+    write_json(os.path.join(run_dir, TRAIN_FILE), training)
+    return training
+
+
+def read_training(run_dir: str) -> dict:
+    """``RUN/train.json`` (the training calls' wall time, machine and speed); empty when absent or unreadable."""
+    try:
+        with open(os.path.join(run_dir, TRAIN_FILE), encoding="utf-8") as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def load_data(config: FewShotConfig):
@@ -524,31 +607,35 @@ def train_and_evaluate(config: FewShotConfig, run_dir: str, *, resume: bool = Fa
             result = score(config, loss_fn, p, val_tasks, config.test_inner_steps)
             return {"accuracy": result["accuracy"], "loss": result["loss_per_step"][-1]}
 
-    result = train(
-        learner,
-        params,
-        sample,
-        data=jnp.asarray(train_images),
-        key=jax.random.fold_in(jax.random.PRNGKey(config.seed), 1),
-        meta_steps=config.meta_steps,
-        log_every=config.log_every,
-        validate=validate,
-        validate_every=config.val_every,
-        out_dir=run_dir,
-        checkpoint_every=config.checkpoint_every,
-        resume=resume,
-        identity=config.identity(),
-        max_bad_steps=config.max_bad_steps,
-        progress=progress,
-        mesh=mesh,
-        desc=f"{config.dataset} {config.ways}-way {config.shots}-shot {config.algo}",
-    )
+    try:
+        result = train(
+            learner,
+            params,
+            sample,
+            data=jnp.asarray(train_images),
+            key=jax.random.fold_in(jax.random.PRNGKey(config.seed), 1),
+            meta_steps=config.meta_steps,
+            log_every=config.log_every,
+            validate=validate,
+            validate_every=config.val_every,
+            out_dir=run_dir,
+            checkpoint_every=config.checkpoint_every,
+            keep_best=config.keep_best,
+            resume=resume,
+            identity=config.identity(),
+            max_bad_steps=config.max_bad_steps,
+            progress=progress,
+            mesh=mesh,
+            desc=f"{config.dataset} {config.ways}-way {config.shots}-shot {config.algo}",
+        )
+    except Interrupted as stopped:  # the checkpoint is written; so is the call's time, for the result record
+        write_training(run_dir, resume=resume, meta_steps=stopped.step, seconds=stopped.seconds,
+                       step_ms=stopped.step_ms)
+        raise
     plot_curve(read_jsonl(os.path.join(run_dir, METRICS_FILE)), os.path.join(run_dir, "curve.png"),
                title=f"{config.dataset} {config.ways}-way {config.shots}-shot {config.algo}")
-    training = {"meta_steps": int(result.state.step), "skipped_steps": int(result.state.skipped),
-                "train_seconds_this_call": result.seconds, "resumed": resume, "device": str(jax.devices()[0]),
-                "ms_per_meta_step": steady_step_ms(result.step_ms), "dispatches_timed": max(len(result.step_ms) - 1, 0)}
-    write_json(os.path.join(run_dir, TRAIN_FILE), training)
+    write_training(run_dir, resume=resume, meta_steps=int(result.state.step), seconds=result.seconds,
+                   step_ms=result.step_ms, skipped_steps=int(result.state.skipped))
     test_tasks = fixed_tasks(config, test_images, num_tasks=config.test_tasks, seed=TEST_SEED)
     evaluation = score(config, loss_fn, result.state.meta.params, test_tasks, config.test_inner_steps)
     evaluation.update(meta_steps=int(result.state.step), device=str(jax.devices()[0]), algo=config.algo,
@@ -559,8 +646,13 @@ def train_and_evaluate(config: FewShotConfig, run_dir: str, *, resume: bool = Fa
 
 def evaluate_run(run_dir: str, *, tasks: int | None = None, inner_steps: int | None = None,
                  eval_queries: int | None = None, data_dir: str | None = None,
-                 cache_dir: str | None = None, eval_mode: str | None = None) -> dict:
-    """Evaluates a run's newest checkpoint on the fixed test tasks; writes ``RUN/eval.json``."""
+                 cache_dir: str | None = None, eval_mode: str | None = None, ensemble: int = 0) -> dict:
+    """Evaluates a run's newest checkpoint on the fixed test tasks; writes ``RUN/eval.json``.
+
+    ``ensemble=K`` evaluates the mean prediction of the run's K best checkpoints
+    by validation accuracy instead (:func:`ensemble_score`; the run must have
+    kept them, ``train --keep-best K``) and writes ``RUN/eval-ensembleK.json``.
+    """
     config = read_config(run_dir)
     config = dataclasses.replace(config, data_dir=data_dir or config.data_dir, cache_dir=cache_dir or config.cache_dir)
     if tasks is not None:
@@ -575,12 +667,17 @@ def evaluate_run(run_dir: str, *, tasks: int | None = None, inner_steps: int | N
     _, _, test_images = load_data(config)
     config.validate_test(test_images)
     model, loss_fn, _ = build(config)
-    step, params = load_params(run_dir, config, model, test_images.shape[2:])
+    members = ensemble_members(run_dir, ensemble) if ensemble else [None]
+    loaded = [load_params(run_dir, config, model, test_images.shape[2:], step=m) for m in members]
     test_tasks = fixed_tasks(config, test_images, num_tasks=config.test_tasks, seed=TEST_SEED)
-    evaluation = score(config, loss_fn, params, test_tasks, steps)
-    evaluation.update(meta_steps=step, device=str(jax.devices()[0]), algo=config.algo, ways=config.ways,
-                      shots=config.shots, dataset=config.dataset, split=config.split)
-    write_json(os.path.join(run_dir, eval_file(config.eval_mode)), evaluation)
+    if ensemble:
+        evaluation = ensemble_score(config, loss_fn, [p for _, p in loaded], test_tasks, steps)
+        evaluation["member_steps"] = [s for s, _ in loaded]
+    else:
+        evaluation = score(config, loss_fn, loaded[0][1], test_tasks, steps)
+    evaluation.update(meta_steps=max(s for s, _ in loaded), device=str(jax.devices()[0]), algo=config.algo,
+                      ways=config.ways, shots=config.shots, dataset=config.dataset, split=config.split)
+    write_json(os.path.join(run_dir, eval_file(config.eval_mode, ensemble)), evaluation)
     return evaluation
 
 

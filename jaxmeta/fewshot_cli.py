@@ -19,6 +19,8 @@ from jaxmeta.cli import (
 )
 from jaxmeta.distributed import initialize as initialize_distributed
 from jaxmeta.errors import ConfigError
+from jaxmeta.fewshot_table import PaperResults, make_record, read_records, results_table, write_record
+from jaxmeta.io import atomic_write_text
 from jaxmeta.models.conv4 import CONV_IMPLS
 
 PresetFn = Callable[[str, int, int, str], dict]
@@ -29,7 +31,8 @@ OVERRIDES = ("meta_steps", "meta_batch", "queries", "inner_steps", "inner_lr", "
              "seed", "split", "data_dir", "cache_dir", "conv_impl", "chunk_size", "log_every", "val_every",
              "checkpoint_every", "max_bad_steps", "val_tasks", "test_tasks", "eval_queries", "eval_mode", "remat",
              "devices", "imaml_lam", "imaml_cg_steps", "imaml_cg_damping", "per_step_bn", "train_shots",
-             "inner_optimizer", "inner_beta1", "inner_batch", "test_inner_batch", "persistent_inner_state")
+             "inner_optimizer", "inner_beta1", "inner_batch", "test_inner_batch", "persistent_inner_state",
+             "keep_best")
 
 
 def build_parser(dataset: str, presets: Sequence[str], data_env: str) -> ArgumentParser:
@@ -82,6 +85,8 @@ def build_parser(dataset: str, presets: Sequence[str], data_env: str) -> Argumen
                         "each query example with the support set alone (non-transductive: Reptile's)")
     t.add_argument("--test-tasks", type=positive_int, help="fixed test tasks of the final evaluation (600)")
     t.add_argument("--checkpoint-every", type=positive_int)
+    t.add_argument("--keep-best", type=nonnegative_int,
+                   help="also keep the K checkpoints with the best validation accuracy (for evaluate --ensemble K)")
     t.add_argument("--max-bad-steps", type=positive_int,
                    help="stop after this many consecutive non-finite meta-steps")
     t.add_argument("--devices", type=positive_int,
@@ -99,6 +104,13 @@ def build_parser(dataset: str, presets: Sequence[str], data_env: str) -> Argumen
                    help="transductive (the whole query set in one batch; default: the run's) or non-transductive "
                         "(each query example with the support set alone); writes eval.json or "
                         "eval-non-transductive.json")
+    e.add_argument("--ensemble", type=positive_int, metavar="K",
+                   help="score the mean prediction of the K checkpoints with the best validation accuracy "
+                        "(trained with --keep-best K); writes eval[-non-transductive]-ensembleK.json")
+    e.add_argument("--results", metavar="DIR",
+                   help="folder for the result record (default: the run directory; results/omniglot/ is "
+                        "the committed one)")
+    e.add_argument("--note", help="one line on the result, kept in its record and shown under the table")
     e.add_argument("--data-dir")
     e.add_argument("--cache-dir")
 
@@ -111,6 +123,10 @@ def build_parser(dataset: str, presets: Sequence[str], data_env: str) -> Argumen
     c = commands.add_parser("compare", help="one learning-curve figure for several runs (e.g. the four algorithms)")
     c.add_argument("--runs", nargs="+", required=True, help="run directories")
     c.add_argument("--out", required=True, help="PNG file to write")
+
+    r = commands.add_parser("table", help="the results table (Markdown) generated from result records")
+    r.add_argument("--results", required=True, metavar="DIR", help="folder of result records (evaluate --results)")
+    r.add_argument("--out", help="Markdown file to write (default: print only)")
     return parser
 
 
@@ -127,12 +143,33 @@ def config_from_args(dataset: str, preset: PresetFn, args) -> fewshot.FewShotCon
     return fewshot.algo_defaults(config, set(explicit))
 
 
+def preset_of(config: fewshot.FewShotConfig, preset: PresetFn, presets: Sequence[str]) -> str:
+    """The name of the preset whose run identity ``config`` has (its budget and evaluation may differ);
+    ``"custom"`` when none has."""
+    for name in presets:
+        base = dict(dataset=config.dataset, algo=config.algo, ways=config.ways, shots=config.shots)
+        candidate = fewshot.algo_defaults(fewshot.FewShotConfig(**{**base, **preset(name, config.ways, config.shots,
+                                                                                      config.algo)}), set())
+        if candidate.identity() == config.identity():
+            return name
+    return "custom"
+
+
+def evaluation_record(run_dir: str, evaluation: dict, preset: PresetFn, presets: Sequence[str],
+                      paper_results: PaperResults | None, note: str | None) -> dict:
+    """The result record of ``evaluation`` of the run in ``run_dir``."""
+    config = fewshot.read_config(run_dir)
+    paper = (paper_results or {}).get((config.algo, config.ways, config.shots), {})
+    return make_record(config, evaluation, fewshot.read_training(run_dir), preset=preset_of(config, preset, presets),
+                       data=fewshot.read_data_identity(run_dir), paper_meta_steps=paper.get("meta_steps"), note=note)
+
+
 def resumed_config(run_dir: str, args) -> fewshot.FewShotConfig:
     """A resumed run keeps its stored configuration; only the budget and bookkeeping may change."""
     config = fewshot.read_config(run_dir)
     changeable = ("meta_steps", "log_every", "val_every", "checkpoint_every", "max_bad_steps", "data_dir",
                   "cache_dir", "chunk_size", "test_tasks", "val_tasks", "test_inner_steps", "eval_queries",
-                  "eval_mode", "test_inner_batch", "devices")
+                  "eval_mode", "test_inner_batch", "devices", "keep_best")
     updates = {k: getattr(args, k) for k in changeable if getattr(args, k, None) is not None}
     fixed = [k for k in OVERRIDES if k not in changeable and getattr(args, k, None) is not None
              and getattr(args, k) != getattr(config, k)]
@@ -146,8 +183,11 @@ def resumed_config(run_dir: str, args) -> fewshot.FewShotConfig:
 
 
 def main(dataset: str, preset: PresetFn, presets: Sequence[str], data_env: str,
-         argv: Sequence[str] | None = None) -> dict:
-    """Parses ``argv`` and runs one command; returns its result."""
+         argv: Sequence[str] | None = None, paper_results: PaperResults | None = None) -> dict:
+    """Parses ``argv`` and runs one command; returns its result.
+
+    ``paper_results``: the papers' budgets and figures, the ``table`` command's last column.
+    """
     parser = build_parser(dataset, presets, data_env)
     args = parser.parse_args(argv)
     initialize_distributed()
@@ -156,16 +196,27 @@ def main(dataset: str, preset: PresetFn, presets: Sequence[str], data_env: str,
         config = resumed_config(out, args) if args.resume else config_from_args(dataset, preset, args)
         config.validate()
         result = fewshot.train_and_evaluate(config, out, resume=args.resume, progress=not args.no_progress)
+        write_record(evaluation_record(out, result, preset, presets, paper_results, None), out)
         print(json.dumps({k: result[k] for k in ("accuracy", "ci95", "tasks", "inner_steps")}))
-        print(f"run written to {os.path.abspath(out)} ({fewshot.eval_file(config.eval_mode)}, metrics.jsonl, curve.png, "
-              "checkpoints/)")
+        print(f"run written to {os.path.abspath(out)} ({fewshot.eval_file(config.eval_mode)}, its result record, "
+              "metrics.jsonl, curve.png, checkpoints/)")
         return result
     if args.command == "evaluate":
         result = fewshot.evaluate_run(args.run, tasks=args.tasks, inner_steps=args.inner_steps,
                                       eval_queries=args.eval_queries, data_dir=args.data_dir,
-                                      cache_dir=args.cache_dir, eval_mode=args.eval_mode)
-        print(json.dumps({k: result[k] for k in ("accuracy", "ci95", "tasks", "inner_steps", "eval_mode")}))
+                                      cache_dir=args.cache_dir, eval_mode=args.eval_mode,
+                                      ensemble=args.ensemble or 0)
+        record = evaluation_record(args.run, result, preset, presets, paper_results, args.note)
+        print(f"result record written to {write_record(record, args.results or args.run)}")
+        print(json.dumps({k: result[k] for k in ("accuracy", "ci95", "tasks", "inner_steps", "eval_mode", "ensemble")
+                          if k in result}))
         return result
+    if args.command == "table":
+        table = results_table(read_records(args.results), paper_results)
+        if args.out:
+            atomic_write_text(args.out, table)
+        print(table, end="")
+        return {"table": table}
     if args.command == "compare":
         fewshot.plot_comparison(args.runs, args.out)
         print(f"wrote {args.out}")

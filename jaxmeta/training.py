@@ -23,6 +23,7 @@ import signal
 import threading
 import time
 import warnings
+from collections.abc import Collection
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -69,10 +70,14 @@ class Interrupted(JaxmetaError):
       signal_name: ``"SIGTERM"`` or ``"SIGINT"``.
       step: the meta-step reached (logged, and checkpointed with an output directory).
       checkpoint: the checkpoint directory of ``step`` (``None`` without an output directory).
+      seconds: wall time of the interrupted call.
+      step_ms: wall milliseconds per meta-step of every dispatch of that call (as in :class:`TrainResult`).
     """
 
-    def __init__(self, signal_name: str, step: int, checkpoint: str | None):
+    def __init__(self, signal_name: str, step: int, checkpoint: str | None, *, seconds: float = 0.0,
+                 step_ms: list[float] | None = None):
         self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
+        self.seconds, self.step_ms = seconds, list(step_ms or [])
         saved = f"checkpoint {checkpoint}" if checkpoint else "nothing saved (no output directory)"
         super().__init__(f"interrupted by {signal_name} at meta-step {step}; {saved}")
 
@@ -107,6 +112,25 @@ def steady_step_ms(step_ms: list[float]) -> float | None:
     """The median of :attr:`TrainResult.step_ms` without the first dispatch (compilation); ``None`` if too few."""
     steady = step_ms[1:]
     return float(np.median(steady)) if steady else None
+
+
+def best_steps(history: list[dict], metric: str, k: int, among: Collection[int] | None = None) -> list[int]:
+    """The ``k`` logged steps with the highest ``metric``, best first (ties: the later step first).
+
+    Rows without the metric (or with a non-finite value) are never chosen;
+    ``among`` restricts the choice (e.g. to the steps that have a checkpoint).
+
+    Examples:
+      >>> rows = [{"step": 100, "val/accuracy": 0.5}, {"step": 200}, {"step": 300, "val/accuracy": 0.7},
+      ...         {"step": 400, "val/accuracy": 0.5}]
+      >>> best_steps(rows, "val/accuracy", 2)
+      [300, 400]
+      >>> best_steps(rows, "val/accuracy", 2, among={100, 200})
+      [100]
+    """
+    scored = [(float(row[metric]), int(row["step"])) for row in history
+              if metric in row and math.isfinite(float(row[metric])) and (among is None or row["step"] in among)]
+    return [step for _, step in sorted(scored, reverse=True)[:k]]
 
 
 def init_train_state(learner: MetaLearner, params: Params, key: PRNGKey) -> TrainState:
@@ -275,6 +299,8 @@ def train(
     out_dir: str | None = None,
     checkpoint_every: int | None = None,
     keep_checkpoints: int = 3,
+    keep_best: int = 0,
+    best_metric: str = "val/accuracy",
     resume: bool = False,
     identity: dict | None = None,
     max_bad_steps: int = 20,
@@ -300,7 +326,13 @@ def train(
       out_dir: run directory for ``metrics.jsonl`` and ``checkpoints/``.
       checkpoint_every: checkpoint period (multiple of ``log_every``); the
         final step is always checkpointed when ``out_dir`` is given.
-      keep_checkpoints: how many checkpoints to keep.
+      keep_checkpoints: how many of the newest checkpoints to keep.
+      keep_best: also keep the checkpoints of the ``keep_best`` logged steps
+        with the highest ``best_metric`` (a checkpoint ensemble's members;
+        :func:`best_steps`). Only steps that are both validated and
+        checkpointed can be chosen, so align ``validate_every`` with
+        ``checkpoint_every``.
+      best_metric: the logged metric ranking checkpoints for ``keep_best``.
       resume: continue from the newest checkpoint in ``out_dir`` (from scratch
         when there is none). Damaged newer checkpoints (see
         :func:`jaxmeta.checkpoint.restore`) are moved to
@@ -350,7 +382,7 @@ def train(
                 warnings.warn(f"moved damaged checkpoint to {path}; resuming from step {last_ckpt}",
                               JaxmetaWarning, stacklevel=2)
             history = [row for row in read_jsonl(metrics_path) if row["step"] <= last_ckpt]
-        mngr = ckpt.manager(out_dir, keep=keep_checkpoints)
+        mngr = ckpt.manager(out_dir, keep=None if keep_best else keep_checkpoints)
 
     def period(every):
         return None if not every else max(log_every, int(math.ceil(every / log_every)) * log_every)
@@ -366,6 +398,9 @@ def train(
 
     def save(step):
         _written("the checkpoint", step, out_dir, last_ckpt, lambda: ckpt.save(mngr, step, state, identity))
+        if keep_best:
+            saved = sorted(mngr.all_steps(), reverse=True)
+            ckpt.prune(mngr, {*saved[:keep_checkpoints], *best_steps(history, best_metric, keep_best, saved)})
         return step
 
     stop = _StopRequests()
@@ -398,7 +433,8 @@ def train(
                     if mngr is not None and last_ckpt != step:
                         last_ckpt = save(step)
                     where = None if mngr is None else os.path.join(out_dir, ckpt.CHECKPOINT_DIR, str(step))
-                    raise Interrupted(signal.Signals(stop.signum).name, step, where)
+                    raise Interrupted(signal.Signals(stop.signum).name, step, where,
+                                      seconds=time.perf_counter() - started, step_ms=step_ms)
     finally:
         bar.close()
         if mngr is not None:

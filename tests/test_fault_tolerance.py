@@ -199,10 +199,16 @@ def test_sigterm_and_kill_minus_nine_then_resume_are_exact(tmp_path, env):
     assert ckpt.latest_step(str(stopped)) == step
     assert json.loads((stopped / "metrics.jsonl").read_text().splitlines()[-1])["step"] == step
     assert not (stopped / "eval.json").exists()
+    interrupted = json.loads((stopped / "train.json").read_text())  # the stopped call's time is kept
+    assert interrupted["meta_steps"] == step and interrupted["calls"] == 1 and interrupted["train_seconds_total"] > 0
     proc = subprocess.run(shlex.split(command), cwd=REPO_ROOT, env=full_env, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_run(straight, stopped)
+    resumed = json.loads((stopped / "train.json").read_text())
+    assert resumed["meta_steps"] == 30 and resumed["calls"] == 2
+    assert resumed["train_seconds_total"] == pytest.approx(interrupted["train_seconds_total"]
+                                                           + resumed["train_seconds_this_call"])
 
     # kill -9 once the first regular checkpoint exists; resume reads the configuration from the run.
     code = start_then(signal.SIGKILL, killed, killed / "checkpoints" / "10", "10", subprocess.DEVNULL)
@@ -346,3 +352,49 @@ def test_a_full_disk_is_one_line_and_the_last_checkpoint_stays_intact(tmp_path, 
     np.testing.assert_array_equal(flat(state.meta.params), np.load(out / "params5.npy"))
     resumed = run(out, 20, resume=True, checkpoint_every=5)  # disk space back: the run goes on from step 5
     assert int(resumed.state.step) == 20 and ckpt.latest_step(str(out)) == 20
+
+
+# --------------------------------------------------------------------------------------
+# keep_best: the best validated checkpoints survive beside the newest (a checkpoint ensemble).
+# --------------------------------------------------------------------------------------
+
+
+def wiggly(params):
+    """A deterministic validation metric that is far from monotone in the meta-step."""
+    return {"accuracy": float(np.sin(1e3 * np.linalg.norm(flat(params))))}
+
+
+def test_keep_best_keeps_the_best_validated_checkpoints_and_resume_is_exact(tmp_path):
+    from jaxmeta.training import best_steps
+
+    keep = dict(checkpoint_every=5, keep_checkpoints=1, validate=wiggly)
+    plain = run(tmp_path / "plain", 40, **keep)
+    assert ckpt.steps(str(tmp_path / "plain")) == [40]  # without keep_best only the newest stays
+
+    straight = run(tmp_path / "straight", 40, keep_best=3, **keep)
+    scored = sorted(((row["val/accuracy"], row["step"]) for row in straight.history), reverse=True)
+    best = [step for _, step in scored[:3]]
+    assert best_steps(straight.history, "val/accuracy", 3) == best
+    kept = sorted({40, *best}, reverse=True)
+    assert ckpt.steps(str(tmp_path / "straight")) == kept
+    assert sorted(map(int, ckpt.read_checksums(str(tmp_path / "straight")))) == sorted(kept)
+    np.testing.assert_array_equal(flat(plain.state.meta.params), flat(straight.state.meta.params))
+    for step in best:  # every kept checkpoint restores, and holds that step's state
+        restored_step, state = ckpt.restore(str(tmp_path / "straight"), abstract_state(), IDENTITY, step=step)
+        assert restored_step == step == int(state.step)
+
+    # Interrupted at step 5, then resumed: the same checkpoints, metrics and parameters.
+    out = tmp_path / "stopped"
+
+    def stop_once(params, calls=[]):  # noqa: B006 - the call count is the point
+        if not calls:
+            os.kill(os.getpid(), signal.SIGINT)
+        calls.append(1)
+        return wiggly(params)
+
+    with pytest.raises(Interrupted):
+        run(out, 40, keep_best=3, **{**keep, "validate": stop_once})
+    resumed = run(out, 40, resume=True, keep_best=3, **keep)
+    assert ckpt.steps(str(out)) == kept
+    assert (out / "metrics.jsonl").read_text() == (tmp_path / "straight" / "metrics.jsonl").read_text()
+    np.testing.assert_allclose(flat(resumed.state.meta.params), flat(straight.state.meta.params), rtol=0, atol=1e-6)

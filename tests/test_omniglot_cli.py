@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -230,3 +231,116 @@ def test_identity_of_later_fields_is_compatible_with_earlier_checkpoints():
     assert FewShotConfig(algo="imaml", imaml_cg_damping=22.0).identity()["imaml_cg_damping"] == 22.0
     assert FewShotConfig(algo="imaml", imaml_lam=2.0).identity()["imaml_lam"] == 2.0
     assert FewShotConfig(algo="mamlpp", per_step_bn=True).identity()["per_step_bn"] is True
+
+
+def test_checkpoint_ensemble_records_and_the_results_table(tmp_path, quick_run, env, capsys, monkeypatch):
+    """evaluate --ensemble K (the K best checkpoints by validation); each evaluation writes a result record,
+    and table builds the results table from the records alone."""
+    from jaxmeta import fewshot, fewshot_table
+
+    run = tmp_path / "run"
+    shutil.copytree(quick_run[0], run)
+    for name in os.listdir(run):
+        if name.startswith("eval") or name.startswith("omniglot-"):
+            os.remove(run / name)
+    results = tmp_path / "results"
+    args = ["evaluate", "--run", str(run), "--tasks", "100", "--results", str(results)]
+    code, stderr, _ = run_in_process(omniglot.main, args, capsys, env=env, monkeypatch=monkeypatch)
+    assert code == 0, stderr
+    single = json.loads((run / "eval.json").read_text())
+
+    # Validated checkpoints at 150 and 300 (quick preset); an ensemble of two, best first.
+    code, stderr, stdout = run_in_process(omniglot.main, [*args, "--ensemble", "2"], capsys, env=env)
+    assert code == 0, stderr
+    ensemble = json.loads((run / "eval-ensemble2.json").read_text())
+    assert json.loads(stdout.splitlines()[-1])["ensemble"] == 2
+    assert sorted(ensemble["member_steps"]) == [150, 300] and ensemble["tasks"] == 100
+    assert ensemble["member_accuracy"][ensemble["member_steps"].index(300)] == pytest.approx(single["accuracy"])
+    assert ensemble["accuracy"] > 0.6  # chance is 0.2
+    assert min(ensemble["member_accuracy"]) - 0.1 < ensemble["accuracy"]
+
+    # The mean of identical members' probabilities is each member's prediction, in both evaluation modes.
+    config = fewshot.read_config(str(run))
+    for mode in fewshot.EVAL_MODES:
+        cfg = dataclasses.replace(config, eval_mode=mode, test_tasks=20)
+        model, loss_fn, _ = fewshot.build(cfg)
+        _, _, test_images = fewshot.load_data(cfg)
+        _, params = fewshot.load_params(str(run), cfg, model, test_images.shape[2:])
+        tasks = fewshot.fixed_tasks(cfg, test_images, num_tasks=20, seed=fewshot.TEST_SEED)
+        alone = fewshot.score(cfg, loss_fn, params, tasks, 3)
+        twice = fewshot.ensemble_score(cfg, loss_fn, [params, params], tasks, 3)
+        assert twice["accuracy"] == pytest.approx(alone["accuracy"], abs=1e-6), mode
+        assert twice["member_accuracy"] == pytest.approx([alone["accuracy"]] * 2, abs=1e-6)
+
+    code, stderr, _ = run_in_process(omniglot.main, [*args, "--ensemble", "3"], capsys, env=env)
+    assert_one_line_error_text(code, stderr, "fewer than the ensemble's 3", "--keep-best 3")
+    assert not (run / "eval-ensemble3.json").exists()
+
+    # The records: one per evaluation, named for the cell, with everything the table needs.
+    code, stderr, _ = run_in_process(omniglot.main, [*args, "--eval-mode", "non-transductive",
+                                                     "--note", "a quick run"], capsys, env=env)
+    assert code == 0, stderr
+    names = sorted(os.listdir(results))
+    assert names == sorted(["omniglot-5w1s-maml-quick-non-transductive.json",
+                            "omniglot-5w1s-maml-quick-transductive.json",
+                            "omniglot-5w1s-maml-quick-transductive-ensemble2.json"])
+    record = json.loads((results / "omniglot-5w1s-maml-quick-transductive.json").read_text())
+    assert set(fewshot_table.RECORD_FIELDS) <= set(record)
+    assert (record["accuracy"], record["ci95"], record["meta_steps"]) == (single["accuracy"], single["ci95"], 300)
+    assert record["paper_meta_steps"] == 60_000 and record["preset"] == "quick" and record["test_inner_steps"] == 3
+    training = json.loads((run / "train.json").read_text())
+    assert record["wall_s"] == training["train_seconds_total"] and record["commit"] == training["commit"]
+    assert record["data"]["digest"] == json.loads((run / "config.json").read_text())["data"]["digest"]
+    assert len(json.dumps(record)) < 1_000
+
+    table = tmp_path / "table.md"
+    code, stderr, stdout = run_in_process(omniglot.main, ["table", "--results", str(results), "--out", str(table)],
+                                          capsys)
+    assert code == 0, stderr
+    lines = table.read_text().splitlines()
+    assert stdout == table.read_text() and len(lines) == 2 + 3 + 2
+    plain = next(line for line in lines if "| transductive, 3 steps |" in line)
+    assert f"**{100 * single['accuracy']:.2f}% ± {100 * single['ci95']:.2f}** (100 tasks)" in plain
+    assert "| 5-way 1-shot | MAML |" in plain and "| 300 of 60,000 (0.5%) | `quick` |" in plain
+    assert plain.endswith("| 98.7 ± 0.4 |")
+    assert any(f"**{100 * ensemble['accuracy']:.2f}%" in line and "top-2 ensemble" in line for line in lines)
+    assert "[1]" in next(line for line in lines if "non-transductive" in line) and lines[-1] == "[1] a quick run"
+    code, stderr, _ = run_in_process(omniglot.main, ["table", "--results", str(tmp_path / "none")], capsys)
+    assert_one_line_error_text(code, stderr, "does not exist")
+    (results / "broken.json").write_text('{"accuracy": 0.9}')
+    code, stderr, _ = run_in_process(omniglot.main, ["table", "--results", str(results)], capsys)
+    assert_one_line_error_text(code, stderr, "broken.json is not a result record", "dataset")
+
+
+def test_keep_best_is_a_train_flag_outside_the_run_identity():
+    from jaxmeta import fewshot_cli
+
+    parser = fewshot_cli.build_parser("omniglot", omniglot.PRESETS, "JAXMETA_OMNIGLOT_DIR")
+    args = parser.parse_args(["train", "--preset", "paper", "--algo", "reptile", "--keep-best", "5", "--out", "x"])
+    config = fewshot_cli.config_from_args("omniglot", omniglot.preset, args)
+    assert config.keep_best == 5 and "keep_best" not in config.identity()
+    assert config.identity() == fewshot_cli.config_from_args(
+        "omniglot", omniglot.preset, parser.parse_args(["train", "--preset", "paper", "--algo", "reptile",
+                                                         "--out", "x"])).identity()
+
+
+def test_gpu_table_script_trains_evaluates_and_records_on_the_cpu(tmp_path, env):
+    """scripts/gpu-table.sh at a tiny budget on the CPU: a cell trains, is evaluated, writes its record,
+    and the table is printed from the records."""
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+
+    results = tmp_path / "results"
+    script_env = {**os.environ, **env, "CELLS": "5:1", "BUDGET_S": "600", "PRESET": "quick", "PYTHON": sys.executable,
+                  "TRAIN_ARGS": "--meta-steps 20 --log-every 10 --val-every 10 --checkpoint-every 10 --val-tasks 10 "
+                                "--test-tasks 20", "EVAL_ARGS": "--tasks 50"}
+    proc = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "gpu-table.sh"), str(tmp_path / "runs"), str(results)],
+                          env=script_env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "finished its budget" in proc.stdout
+    record = json.loads((results / "omniglot-5w1s-maml-quick-transductive.json").read_text())
+    assert record["meta_steps"] == 20 and record["tasks"] == 50 and record["paper_meta_steps"] == 60_000
+    assert "CPU cores" in record["machine"]  # the machine's own name (a GPU's on a lent GPU)
+    assert "| 5-way 1-shot | MAML |" in proc.stdout and "| 20 of 60,000 (0.033%) | `quick` |" in proc.stdout

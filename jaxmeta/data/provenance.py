@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import subprocess
 import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -198,3 +199,20 @@ def _publish(path: Path, value, write: Callable, source: Mapping | None) -> None
             os.unlink(tmp)
         raise
     write_json(str(path) + MANIFEST_SUFFIX, {"file": entry, "source": dict(source or {})})
+
+
+def code_commit(path: str | os.PathLike[str] | None = None) -> str | None:
+    """The git commit of the checkout holding ``path`` (default: this package), ``+dirty`` when it has
+    uncommitted changes to tracked files; ``None`` outside a git checkout (e.g. an installed wheel)."""
+    where = os.fspath(path) if path is not None else os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", where, *args], capture_output=True, text=True, timeout=30,
+                              check=True).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "")

@@ -16,7 +16,12 @@ from jaxmeta.models.conv4 import (
     resolve_conv_impl,
     same_padding,
 )
-from jaxmeta.models.losses import classification_loss, non_transductive_classification_score, regression_loss
+from jaxmeta.models.losses import (
+    classification_loss,
+    non_transductive_classification_score,
+    regression_loss,
+    transductive_classification_score,
+)
 from jaxmeta.models.mlp import MLP
 
 __all__ = [
@@ -36,4 +41,5 @@ __all__ = [
     "regression_loss",
     "resolve_conv_impl",
     "same_padding",
+    "transductive_classification_score",
 ]

@@ -20,11 +20,15 @@ ClassificationLossFn = Callable[[Params, Batch], tuple[jax.Array, dict[str, jax.
 RegressionLossFn = Callable[[Params, Batch], jax.Array]
 
 
-def _cross_entropy_and_accuracy(logits: jax.Array, y: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+def _cross_entropy_and_accuracy(logits: jax.Array, y: jax.Array, *, probabilities: bool = False
+                                ) -> tuple[jax.Array, dict[str, jax.Array]]:
     labels = y.astype(jnp.int32)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
     accuracy = jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(logits.dtype))
-    return loss, {"accuracy": accuracy}
+    aux = {"accuracy": accuracy}
+    if probabilities:
+        aux["probabilities"] = jax.nn.softmax(logits, axis=-1)
+    return loss, aux
 
 
 def classification_loss(model: nn.Module) -> ClassificationLossFn:
@@ -50,7 +54,22 @@ QueryScore = Callable[[Params, Batch, Batch], tuple[jax.Array, dict[str, jax.Arr
 """``score(params, support, query) -> (loss, aux)``: how an adapted model is scored on a query set."""
 
 
-def non_transductive_classification_score(model: nn.Module) -> QueryScore:
+def transductive_classification_score(model: nn.Module, *, probabilities: bool = False) -> QueryScore:
+    """Scores the whole query set in one batch (batch norm sees every query example at once).
+
+    The same loss and accuracy as :func:`classification_loss` on the query
+    set, as a :data:`QueryScore`; with ``probabilities``, ``aux`` also holds
+    the softmax ``[queries, classes]`` (what a checkpoint ensemble averages).
+    """
+
+    def score(params: Params, support: Batch, query: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
+        x, y = query
+        return _cross_entropy_and_accuracy(model.apply({"params": params}, x), y, probabilities=probabilities)
+
+    return score
+
+
+def non_transductive_classification_score(model: nn.Module, *, probabilities: bool = False) -> QueryScore:
     """Scores each query example alone: in one batch with the whole support set, never with another query.
 
     With batch norm over the batch (as in :class:`~jaxmeta.models.Conv4`),
@@ -62,6 +81,8 @@ def non_transductive_classification_score(model: nn.Module) -> QueryScore:
 
     Args:
       model: A module mapping ``x`` to logits ``[N, classes]``.
+      probabilities: also return each query example's softmax
+        (``aux["probabilities"]``, ``[queries, classes]``).
 
     Returns:
       ``score(params, support, (x, y)) -> (loss, {"accuracy"})``, the mean
@@ -85,7 +106,7 @@ def non_transductive_classification_score(model: nn.Module) -> QueryScore:
             batch = jnp.concatenate([context, example[None].astype(context.dtype)])
             return model.apply({"params": params}, batch)[-1]
 
-        return _cross_entropy_and_accuracy(jax.vmap(alone)(x), y)
+        return _cross_entropy_and_accuracy(jax.vmap(alone)(x), y, probabilities=probabilities)
 
     return score
 
