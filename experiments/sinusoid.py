@@ -24,6 +24,7 @@ reference code's sinusoid command runs with: its ``--update_lr`` default) and
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Sequence
 
@@ -36,8 +37,6 @@ from jaxmeta.algorithms.anil import flax_anil_fns
 from jaxmeta.algorithms.registry import (
     ALGORITHMS,
     BASE_ALGORITHMS,
-    adapt_learner,
-    evaluate_learner,
     make_learner,
 )
 from jaxmeta.checkpoint import config_identity
@@ -146,21 +145,19 @@ def algo_inner(config: SinusoidConfig, algo: str) -> tuple[int, float]:
     return config.inner_steps, config.inner_lr
 
 
-def train_algorithm(
-    config: SinusoidConfig, algo: str, out_dir: str | None, *, progress: bool = True, resume: bool = False
-):
-    """Meta-trains one algorithm; returns ``(params, history, seconds)``."""
+@functools.lru_cache(maxsize=None)
+def build_learner(config: SinusoidConfig, algo: str, inner_lr: float | None = None):
+    """The learner of ``algo``; ``inner_lr`` replaces its inner (test-time) rate, e.g. pre-training's tuned one.
+
+    One object per arguments, so the evaluations compiled for it are reused.
+    """
     model = MLP()
-    loss_fn = regression_loss(model)
-    key = jax.random.PRNGKey(config.seed)
-    init_key, task_key = jax.random.split(key)
-    params = model.init(init_key, jnp.zeros((1, 1)))["params"]
-    inner_steps, inner_lr = algo_inner(config, algo)
-    learner = make_learner(
+    inner_steps, trained_lr = algo_inner(config, algo)
+    return make_learner(
         algo,
-        loss_fn,
+        regression_loss(model),
         inner_steps=inner_steps,
-        inner_lr=inner_lr,
+        inner_lr=trained_lr if inner_lr is None else inner_lr,
         outer_lr=config.outer_lr,
         meta_steps=config.meta_steps,
         reptile_epsilon=config.reptile_epsilon,
@@ -170,6 +167,17 @@ def train_algorithm(
         anil_fns=flax_anil_fns(model, regression_loss, head=ANIL_HEAD) if algo == "anil" else None,
         anil_head=ANIL_HEAD,
     )
+
+
+def train_algorithm(
+    config: SinusoidConfig, algo: str, out_dir: str | None, *, progress: bool = True, resume: bool = False
+):
+    """Meta-trains one algorithm; returns ``(params, history, seconds)``."""
+    model = MLP()
+    key = jax.random.PRNGKey(config.seed)
+    init_key, task_key = jax.random.split(key)
+    params = model.init(init_key, jnp.zeros((1, 1)))["params"]
+    learner = build_learner(config, algo)
 
     def sample(key, _data):
         return sinusoid.sample_tasks(key, batch_size=config.meta_batch, shots=config.shots, queries=config.shots)
@@ -214,7 +222,8 @@ def tuned_lr(config: SinusoidConfig, algo: str, params, shots: int) -> float:
     loss_fn = regression_loss(MLP())
     scores = []
     for lr in config.pretrain_lr_grid:
-        final = float(evaluate(loss_fn, params, tasks, steps=max(config.eval_steps), lr=lr).mean["loss"][-1])
+        learner = build_learner(config, algo, lr)
+        final = float(evaluate(learner, params, tasks, steps=max(config.eval_steps), loss_fn=loss_fn).mean["loss"][-1])
         scores.append(final if np.isfinite(final) else np.inf)
     return config.pretrain_lr_grid[int(np.argmin(scores))]
 
@@ -242,8 +251,8 @@ def evaluate_algorithm(
     for shots in config.eval_shots if eval_shots is None else eval_shots:
         inner_lr = rates[str(shots)] = tuned_lr(config, algo, meta_params, shots)
         tasks = sinusoid.pool_tasks(x, y, shots=shots, queries=config.query_points)
-        result = evaluate_learner(algo, loss_fn, meta_params, tasks, steps=max(config.eval_steps), inner_lr=inner_lr,
-                                  head=ANIL_HEAD, imaml_lam=config.imaml_lam)
+        result = evaluate(build_learner(config, algo, inner_lr), meta_params, tasks, steps=max(config.eval_steps),
+                          loss_fn=loss_fn)
         mean, ci = np.asarray(result.mean["loss"]), np.asarray(result.ci95["loss"])
         per_task = np.asarray(result.per_task["loss"])
         median = np.median(per_task, axis=0)
@@ -370,7 +379,6 @@ def plot_toy_fit(
     functions, x, y = pool
     shots = min(config.eval_shots)
     model = MLP()
-    loss_fn = regression_loss(model)
     grid = jnp.linspace(*sinusoid.INPUT_RANGE, 200)[:, None]
     truth = functions.amplitude[task] * jnp.sin(grid + functions.phase[task])
     support = (x[task, :shots], y[task, :shots])
@@ -380,8 +388,7 @@ def plot_toy_fit(
         inner_lr = results_lr[algo] if results_lr else algo_inner(config, algo)[1]
         ax.plot(grid, truth, "k-", label="ground truth")
         for s, style in ((0, ":"), (1, "--"), (10, "-")):
-            adapted = adapt_learner(algo, loss_fn, trained[algo], support, steps=s, inner_lr=inner_lr, head=ANIL_HEAD,
-                                    imaml_lam=config.imaml_lam)  # adapted as the test tasks are
+            adapted = build_learner(config, algo, inner_lr).adapt(trained[algo], support, steps=s)  # as the test tasks
             ax.plot(grid, model.apply({"params": adapted}, grid), style, label=f"after {s} step{'s' * (s != 1)}")
         ax.plot(support[0], support[1], "^", color="tab:purple", markersize=9, label=f"{shots} points used")
         ax.set(title=f"{algo}", xlabel="x", ylabel="y")

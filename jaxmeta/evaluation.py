@@ -8,11 +8,11 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from jaxmeta.algorithms.base import map_tasks
-from jaxmeta.inner import LossFn, adapt_and_observe, loss_value, task_schedule
-from jaxmeta.types import Params, PyTree, Task
+from jaxmeta.algorithms.base import MetaLearner, MetaState
+from jaxmeta.inner import LossFn, loss_value
+from jaxmeta.tasks import map_tasks
+from jaxmeta.types import PyTree, Task
 
 
 class EvalResult(NamedTuple):
@@ -30,19 +30,6 @@ class EvalResult(NamedTuple):
     per_task: dict[str, jax.Array]
 
 
-def query_observer(loss_fn: LossFn, task: Task, *, has_aux: bool, query_score: Callable | None = None):
-    """``observe(params) -> {"loss", aux...}`` on ``task``'s query set (see :func:`evaluate`'s ``query_score``)."""
-
-    def observe(p):
-        if query_score is None:
-            loss, aux = loss_value(loss_fn, p, task.query, has_aux=has_aux)
-        else:
-            loss, aux = query_score(p, task.support, task.query)
-        return {"loss": loss, **aux}
-
-    return observe
-
-
 def ci95(values: jax.Array, axis: int = 0) -> jax.Array:
     """Half-width of the normal-approximation 95% confidence interval of the mean."""
     n = values.shape[axis]
@@ -50,75 +37,79 @@ def ci95(values: jax.Array, axis: int = 0) -> jax.Array:
     return 1.96 * std / np.sqrt(n)
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("loss_fn", "steps", "has_aux", "optimizer", "chunk_size", "proximal", "query_score",
-                     "inner_batch_size"),
-)
+def query_loss(loss_fn: LossFn, *, has_aux: bool = False) -> Callable:
+    """The default query score: ``loss_fn`` on the whole query set in one batch, as ``(loss, aux)``."""
+
+    def score(params, support, query):
+        del support
+        return loss_value(loss_fn, params, query, has_aux=has_aux)
+
+    return score
+
+
+@functools.partial(jax.jit, static_argnames=("learner", "steps", "loss_fn", "has_aux", "query_score", "chunk_size"))
 def evaluate(
-    loss_fn: LossFn,
-    params: Params,
+    learner: MetaLearner,
+    state: MetaState | PyTree,
     tasks: Task,
     *,
     steps: int,
-    lr: float | jax.Array | PyTree,
+    loss_fn: LossFn | None = None,
     has_aux: bool = False,
-    optimizer: optax.GradientTransformation | None = None,
-    chunk_size: int | None = 50,
-    proximal: float | None = None,
     query_score: Callable | None = None,
-    opt_state: optax.OptState | None = None,
-    inner_batch_size: int | None = None,
+    chunk_size: int | None = 50,
     key: jax.Array | None = None,
 ) -> EvalResult:
-    """Adapts to every test task and scores its query set after each inner step.
+    """Adapts ``learner`` to every test task with its own rule and scores the query set after each step.
+
+    Any learner is evaluated the same way: its ``adapt`` (MAML's SGD, Meta-SGD's
+    learned rates, MAML++'s per-step rates, ANIL's head, iMAML's proximal
+    problem, Reptile's inner optimiser, pre-training's fine-tuning) observes
+    the query score after 0, 1, ..., ``steps`` steps.
 
     Args:
-      loss_fn: ``loss_fn(params, (x, y))`` (scalar, or ``(scalar, aux)`` with ``has_aux``).
-      params: the (meta-learned) initialisation.
+      learner: a :class:`~jaxmeta.MetaLearner` (only its ``adapt`` is used).
+      state: its :class:`~jaxmeta.MetaState` (or the state's ``params``).
       tasks: test tasks, every array with a leading task axis.
       steps: inner steps S; may exceed those used in meta-training.
-      lr: inner learning rate (scalar or pytree like ``params``).
-      has_aux: whether ``loss_fn`` returns ``(loss, aux)``; aux values such as
-        accuracy are reported alongside the loss.
-      optimizer: optional optax inner optimiser instead of SGD.
+      loss_fn: ``loss_fn(params, (x, y))`` scoring the whole query set in one
+        batch (scalar, or ``(scalar, aux)`` with ``has_aux``; aux values such
+        as accuracy are reported alongside the loss).
+      has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+      query_score: ``score(params, support, query) -> (loss, aux)``, instead of
+        ``loss_fn`` (e.g.
+        :func:`jaxmeta.models.non_transductive_classification_score`).
       chunk_size: tasks adapted at once (bounds memory); ``None`` for all.
-      proximal: λ of a proximal term ``(λ/2)·||φ − params||²`` added to the
-        support loss (iMAML's inner problem, see :func:`jaxmeta.inner_adapt`).
-      query_score: ``score(params, support, query) -> (loss, aux)``, how the
-        adapted parameters are scored (e.g.
-        :func:`jaxmeta.models.non_transductive_classification_score`);
-        ``None`` scores the query set in one batch with ``loss_fn``.
-      opt_state: the inner optimiser's starting state for every task (e.g.
-        Reptile's carried Adam state); ``None``: a fresh one.
-      inner_batch_size: support examples per inner step, drawn without
-        replacement (:func:`jaxmeta.inner.minibatch_schedule`); ``None``: all.
-      key: seeds those draws (task ``i`` uses ``fold_in(key, i)``; default
-        ``PRNGKey(0)``).
+      key: seeds any randomness of the rule (task ``i`` uses ``fold_in(key, i)``;
+        default ``PRNGKey(0)``), e.g. Reptile's test mini-batches.
 
     Returns:
       An :class:`EvalResult` with the query loss (and aux metrics) after 0..S steps.
-    """
 
+    Examples:
+      >>> import jax.numpy as jnp, optax
+      >>> from jaxmeta import Task, maml
+      >>> loss = lambda w, b: jnp.mean((b[0] * w - b[1]) ** 2)
+      >>> learner = maml(loss, inner_steps=1, inner_lr=0.1, outer=optax.sgd(0.1))
+      >>> x = jnp.ones((2, 4, 1))
+      >>> result = evaluate(learner, learner.init(0.0), Task((x, 2 * x), (x, 2 * x)), steps=3, loss_fn=loss)
+      >>> [round(float(v), 2) for v in result.mean["loss"]]
+      [4.0, 1.44, 0.52, 0.19]
+    """
+    if (loss_fn is None) == (query_score is None):
+        raise ValueError("give exactly one of loss_fn (score the query batch) and query_score")
+    score = query_score if query_score is not None else query_loss(loss_fn, has_aux=has_aux)
     base_key = jax.random.PRNGKey(0) if key is None else key
 
     def observe_query(xs):
         task, index = xs
-        observe = query_observer(loss_fn, task, has_aux=has_aux, query_score=query_score)
-        batches = task_schedule(jax.random.fold_in(base_key, index), task.support, steps, inner_batch_size)
-        _, seen = adapt_and_observe(
-            loss_fn,
-            params,
-            task.support,
-            steps=steps,
-            lr=lr,
-            optimizer=optimizer,
-            has_aux=has_aux,
-            observe=observe,
-            proximal=proximal,
-            batches=batches,
-            opt_state=opt_state,
-        )
+
+        def observe(params):
+            loss, aux = score(params, task.support, task.query)
+            return {"loss": loss, **aux}
+
+        _, seen = learner.adapt(state, task.support, steps=steps, key=jax.random.fold_in(base_key, index),
+                                observe=observe)
         return seen
 
     num_tasks = jax.tree.leaves(tasks)[0].shape[0]

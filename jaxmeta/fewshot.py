@@ -30,10 +30,10 @@ import optax
 
 from jaxmeta import checkpoint as ckpt
 from jaxmeta.algorithms.anil import flax_anil_fns
-from jaxmeta.algorithms.registry import ALGORITHMS, adapt_learner, evaluate_learner, make_learner
+from jaxmeta.algorithms.registry import ALGORITHMS, make_learner
 from jaxmeta.data import episodes, provenance
 from jaxmeta.distributed import check_meta_batch, machine_name, task_mesh
-from jaxmeta.evaluation import ci95
+from jaxmeta.evaluation import ci95, evaluate
 from jaxmeta.errors import CheckpointError, ConfigError, DataError, JaxmetaWarning
 from jaxmeta.io import read_jsonl, save_figure, write_json
 from jaxmeta.models import (
@@ -346,8 +346,16 @@ def build(config: FewShotConfig):
         inner_batch_size=config.inner_batch,
         persistent_inner_state=config.persistent_inner_state,
         seed=config.seed,
+        test_inner_batch_size=config.test_inner_batch,
     )
     return model, loss_fn, learner
+
+
+@functools.lru_cache(maxsize=None)
+def learner_of(config: FewShotConfig):
+    """The learner of ``config``, one object per configuration (its ``adapt`` is a static argument of the
+    compiled evaluation, so evaluations of one configuration reuse one program)."""
+    return build(config)[2]
 
 
 @functools.lru_cache(maxsize=None)
@@ -402,10 +410,9 @@ def query_score(config: FewShotConfig, probabilities: bool = False):
 
 
 def _evaluate(config: FewShotConfig, loss_fn, meta_params, tasks, steps: int, *, probabilities: bool = False):
-    return evaluate_learner(config.algo, loss_fn, meta_params, tasks, steps=steps, inner_lr=config.inner_lr,
-                            has_aux=True, imaml_lam=config.imaml_lam, mamlpp_per_step_bn=config.per_step_bn,
-                            query_score=query_score(config, probabilities), inner_optimizer=make_inner_optimizer(config),
-                            inner_batch_size=config.test_inner_batch, key=jax.random.PRNGKey(config.seed))
+    score_fn = query_score(config, probabilities)
+    return evaluate(learner_of(config), meta_params, tasks, steps=steps, loss_fn=None if score_fn else loss_fn,
+                    has_aux=True, query_score=score_fn, key=jax.random.PRNGKey(config.seed))
 
 
 def ensemble_score(config: FewShotConfig, loss_fn, members: Sequence, tasks, steps: int) -> dict:
@@ -708,10 +715,7 @@ def episode(run_dir: str, support_dir: str, query_dir: str, *, inner_steps: int 
     if spec.normalize is not None:  # the folder loader returns floats holding the data set's uint8 values
         support = (spec.normalize(support[0].astype(jnp.uint8)), support[1])
         query_x = spec.normalize(query_x.astype(jnp.uint8))
-    adapted = adapt_learner(config.algo, loss_fn, meta_params, support, steps=steps, inner_lr=config.inner_lr,
-                            has_aux=True, imaml_lam=config.imaml_lam, mamlpp_per_step_bn=config.per_step_bn,
-                            inner_optimizer=make_inner_optimizer(config), inner_batch_size=config.test_inner_batch,
-                            key=jax.random.PRNGKey(config.seed))
+    adapted = learner_of(config).adapt(meta_params, support, steps=steps, key=jax.random.PRNGKey(config.seed))
     logits = model.apply({"params": adapted}, query_x)
     predicted = np.asarray(jnp.argmax(logits[:, : len(class_names)], axis=-1))
     accuracy = float(np.mean(predicted == np.asarray(task.query[1])))

@@ -346,10 +346,10 @@ def meta_train(config: TranslationConfig, run_dir: str, *, resume: bool = False,
     _check_task_sizes(config, data["count"], config.meta_langs)
     val = validation_tasks(config, corpus)
     adam = optax.adam(config.inner_lr)
+    finetuning = pretrain(loss_fn, optimizer=adam, has_aux=True, finetune_optimizer=adam)  # every method's
 
     def validate(p):
-        result = evaluate(loss_fn, p, val, steps=config.val_steps, lr=config.inner_lr, has_aux=True,
-                          optimizer=adam, chunk_size=None)
+        result = evaluate(finetuning, p, val, steps=config.val_steps, loss_fn=loss_fn, has_aux=True, chunk_size=None)
         return {"loss_before": result.mean["loss"][0], "loss": result.mean["loss"][-1],
                 "accuracy": result.mean["accuracy"][-1]}
 

@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxmeta import Task, evaluate, inner_adapt, maml_loss
+from jaxmeta import Task, evaluate, inner_adapt, maml, maml_loss
 from jaxmeta.algorithms.anil import (
     anil,
     anil_loss_fn,
@@ -25,7 +25,6 @@ from jaxmeta.algorithms.mamlpp import (
     final_step_weights,
     is_batch_norm,
     mamlpp,
-    mamlpp_evaluate,
     mamlpp_objective,
     mamlpp_params,
     msl_weights,
@@ -35,7 +34,7 @@ from jaxmeta.algorithms.mamlpp import (
     rates_for_steps,
 )
 from jaxmeta.algorithms.meta_sgd import meta_sgd, meta_sgd_objective, meta_sgd_params
-from jaxmeta.algorithms.registry import adapt_learner, adaptation, evaluate_learner, make_learner
+from jaxmeta.algorithms.registry import make_learner
 from jaxmeta.errors import ConfigError
 from jaxmeta.models import BatchNorm, Conv4, classification_loss
 
@@ -124,9 +123,8 @@ def test_meta_sgd_gradient_in_params_and_rates_matches_finite_differences():
     np.testing.assert_allclose(flat(new_params), flat(params) - 0.5 * flat(exact["params"]), rtol=1e-12)
     assert np.abs(flat(new_lr) - flat(meta["lr"])).max() > 1e-4
     assert set(metrics) >= {"loss", "query_loss_pre", "query_loss_post", "grad_norm", "lr_mean"}
-    # Evaluation takes the pytree of rates and scores what the objective scored.
-    theta_meta, lr_meta = meta_sgd_params(meta)
-    result = evaluate(mlp_loss, theta_meta, tasks, steps=2, lr=lr_meta, chunk_size=None)
+    # The learner adapts with its learned rates, and evaluation scores what the objective scored.
+    result = evaluate(learner, meta, tasks, steps=2, loss_fn=mlp_loss, chunk_size=None)
     np.testing.assert_allclose(np.asarray(result.mean["loss"])[[0, 2]], [metrics["query_loss_pre"], metrics["loss"]],
                                rtol=1e-12)
 
@@ -306,14 +304,15 @@ def test_mamlpp_learned_rates_cosine_outer_and_per_step_evaluation():
     with pytest.raises(ValueError, match="total_steps"):
         mamlpp(mlp_loss, cosine_outer=True, **kwargs)
 
-    # Per-step evaluation equals jaxmeta.evaluate when the rates are equal ...
-    got = mamlpp_evaluate(mlp_loss, *mamlpp_params(s0), tasks, chunk_size=2)
-    want = evaluate(mlp_loss, params, tasks, steps=2, lr=0.1, chunk_size=2)
+    # Adapting with per-step rates equals MAML's SGD when the rates are equal ...
+    got = evaluate(learner, s0, tasks, steps=2, loss_fn=mlp_loss, chunk_size=2)
+    want = evaluate(maml(mlp_loss, inner_steps=2, inner_lr=0.1, outer=optax.sgd(0.0)), params, tasks, steps=2,
+                    loss_fn=mlp_loss, chunk_size=2)
     np.testing.assert_allclose(got.per_task["loss"], want.per_task["loss"], rtol=1e-12)
     np.testing.assert_allclose(got.ci95["loss"], want.ci95["loss"], rtol=1e-10)
     # ... and uses each step's own rate when they differ.
     lrs = {"params": params, "lr": jax.tree.map(lambda r: r * jnp.array([1.0, 0.0]), mamlpp_params(s0)[1])}
-    got = mamlpp_evaluate(mlp_loss, *mamlpp_params(lrs), tasks, chunk_size=2)
+    got = evaluate(learner, lrs, tasks, steps=2, loss_fn=mlp_loss, chunk_size=2)
     np.testing.assert_allclose(got.per_task["loss"][:, 2], want.per_task["loss"][:, 1], rtol=1e-12)
 
 
@@ -415,20 +414,19 @@ def test_mamlpp_per_step_batch_norm_rows_get_gradient_only_where_used_on_conv4()
         moved = np.abs(np.asarray(new_meta[name]["scale"] - meta[name]["scale"])).sum(axis=1)
         assert moved[0] == 0 and moved[1] == 0 and moved[2] > 0
     # Per-step evaluation sees the same rows: the losses before and after 2 steps are the step's metrics.
-    result = mamlpp_evaluate(loss_fn, meta, lrs, tasks, has_aux=True, chunk_size=None, per_step=is_batch_norm)
+    result = evaluate(learner, state, tasks, steps=2, loss_fn=loss_fn, has_aux=True, chunk_size=None)
     np.testing.assert_allclose(np.asarray(result.mean["loss"])[[0, 2]], [metrics["query_loss_pre"], metrics["query_loss_post"]],
                                rtol=1e-10)
-    # The experiments' evaluation is that one, and goes on past the trained steps with the last rate and row.
-    kwargs = {"inner_lr": 0.3, "has_aux": True, "mamlpp_per_step_bn": True}
-    longer = evaluate_learner("mamlpp", loss_fn, state.params, tasks, steps=4, chunk_size=None, **kwargs)
+    # It goes on past the trained steps with the last rate and row.
+    longer = evaluate(learner, state, tasks, steps=4, loss_fn=loss_fn, has_aux=True, chunk_size=None)
     np.testing.assert_allclose(np.asarray(longer.per_task["loss"])[:, :3], result.per_task["loss"], rtol=1e-10)
     task0 = jax.tree.map(lambda t: t[0], tasks)
     for steps in (1, 2, 4):
-        adapted = adapt_learner("mamlpp", loss_fn, state.params, task0.support, steps=steps, **kwargs)
+        adapted = learner.adapt(state, task0.support, steps=steps)
         assert adapted["bn_0"]["scale"].shape == (4,)  # ordinary parameters: the row of that step
         np.testing.assert_allclose(loss_fn(adapted, task0.query)[0], longer.per_task["loss"][0, steps], rtol=1e-10)
     # Beyond the trained steps: one more step at step 2's rate, seen through row 2 (the last).
-    params2 = adapt_learner("mamlpp", loss_fn, state.params, task0.support, steps=2, **kwargs)
+    params2 = learner.adapt(state, task0.support, steps=2)
     grad = jax.grad(lambda p: loss_fn(p, task0.support)[0])(params2)
     step3 = jax.tree.map(lambda p, g: p - 0.3 * g, params2, grad)
     step3 = {**step3, **{k: params2[k] for k in params2 if k.startswith("bn")}}  # rows are not adapted
@@ -538,12 +536,12 @@ def test_imaml_adapts_at_test_time_by_solving_its_proximal_problem():
     phi_star = np.linalg.solve(a + lam * np.eye(n), a @ c_s + lam * theta)
     query_loss = lambda phi: 0.5 * (phi - c_q) @ b @ (phi - c_q)
 
-    adapt = adaptation("imaml", theta, 0.25, imaml_lam=lam)
-    assert adapt.proximal == lam and adaptation("maml", theta, 0.25, imaml_lam=lam).proximal is None
-    result = evaluate(quadratic, adapt.params, tasks, steps=40, lr=adapt.lr, proximal=adapt.proximal, chunk_size=None)
+    learner = imaml(quadratic, inner_steps=5, inner_lr=0.25, lam=lam, cg_steps=5, outer=optax.sgd(0.0))
+    result = evaluate(learner, theta, tasks, steps=40, loss_fn=quadratic, chunk_size=None)
     np.testing.assert_allclose(result.mean["loss"][-1], query_loss(phi_star), rtol=1e-9)
     # Without the proximal term SGD goes to the support minimiser c_s instead: a different score.
-    plain = evaluate(quadratic, theta, tasks, steps=120, lr=0.25, chunk_size=None)
+    plain = evaluate(maml(quadratic, inner_steps=5, inner_lr=0.25, outer=optax.sgd(0.0)), theta, tasks, steps=120,
+                     loss_fn=quadratic, chunk_size=None)
     np.testing.assert_allclose(plain.mean["loss"][-1], query_loss(c_s), rtol=1e-6)
     assert abs(query_loss(c_s) - query_loss(phi_star)) > 1e-2
     with pytest.raises(ValueError, match="proximal"):

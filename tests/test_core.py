@@ -265,7 +265,8 @@ def test_maml_with_an_inner_optimiser(first_order):
 def test_evaluate_reports_every_step_with_confidence_intervals():
     params = init_mlp(jax.random.PRNGKey(18))
     tasks = sine_tasks(jax.random.PRNGKey(19), n_tasks=7)
-    result = evaluate(mlp_loss, params, tasks, steps=4, lr=0.1, chunk_size=3)
+    learner = maml(mlp_loss, inner_steps=1, inner_lr=0.1, outer=optax.sgd(0.0))
+    result = evaluate(learner, params, tasks, steps=4, loss_fn=mlp_loss, chunk_size=3)
     assert result.mean["loss"].shape == (5,) and result.per_task["loss"].shape == (7, 5)
     for s in range(5):
         per_task = [mlp_loss(inner_adapt(mlp_loss, params, jax.tree.map(lambda a: a[i], tasks.support), steps=s,

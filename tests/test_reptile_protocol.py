@@ -84,8 +84,13 @@ def test_inner_mini_batches_are_the_scheduled_examples_and_evaluation_starts_fro
     carried = adam.init(theta)
     carried = (carried[0]._replace(count=jnp.asarray(7, jnp.int32), nu=jnp.full(4, 0.3)), *carried[1:])
     key = jax.random.PRNGKey(4)
-    result = evaluate(linear_loss, theta, tasks, steps=2, lr=0.0, optimizer=adam, opt_state=carried,
-                      inner_batch_size=3, key=key)
+    state = {"params": theta, INNER_STATE: carried}
+
+    def learner(test_inner_batch_size):
+        return reptile(linear_loss, inner_steps=3, inner_optimizer=adam, persistent_inner_state=True,
+                       test_inner_batch_size=test_inner_batch_size)
+
+    result = evaluate(learner(3), state, tasks, steps=2, loss_fn=linear_loss, key=key)
     for i in range(2):
         order = minibatch_schedule(jax.random.fold_in(key, i), 8, 2, 3)
         phi, s = theta, carried
@@ -96,9 +101,8 @@ def test_inner_mini_batches_are_the_scheduled_examples_and_evaluation_starts_fro
         query = (tasks.query[0][i], tasks.query[1][i])
         np.testing.assert_allclose(result.per_task["loss"][i, -1], linear_loss(phi, query), rtol=1e-5)
     # A mini-batch as large as the support set is the whole set, in some order: the mean loss is the same.
-    whole = evaluate(linear_loss, theta, tasks, steps=2, lr=0.0, optimizer=adam, opt_state=carried)
-    every = evaluate(linear_loss, theta, tasks, steps=2, lr=0.0, optimizer=adam, opt_state=carried,
-                     inner_batch_size=8, key=key)
+    whole = evaluate(learner(None), state, tasks, steps=2, loss_fn=linear_loss)
+    every = evaluate(learner(8), state, tasks, steps=2, loss_fn=linear_loss, key=key)
     np.testing.assert_allclose(every.per_task["loss"], whole.per_task["loss"], rtol=1e-5)
 
 

@@ -3,8 +3,11 @@
 from jaxmeta.algorithms.anil import anil
 from jaxmeta.algorithms.anil import flax_anil_fns
 from jaxmeta.algorithms.anil import head_only_lr
+from jaxmeta.algorithms.base import Adapt
+from jaxmeta.algorithms.base import Adaptation
 from jaxmeta.algorithms.base import MetaLearner
 from jaxmeta.algorithms.base import MetaState
+from jaxmeta.algorithms.base import gradient_adapt
 from jaxmeta.algorithms.imaml import conjugate_gradient
 from jaxmeta.algorithms.imaml import imaml
 from jaxmeta.algorithms.imaml import imaml_gradient
@@ -13,7 +16,7 @@ from jaxmeta.algorithms.maml import maml
 from jaxmeta.algorithms.maml import maml_loss
 from jaxmeta.algorithms.maml import maml_objective
 from jaxmeta.algorithms.mamlpp import mamlpp
-from jaxmeta.algorithms.mamlpp import mamlpp_evaluate
+from jaxmeta.algorithms.mamlpp import mamlpp_adapt
 from jaxmeta.algorithms.mamlpp import mamlpp_params
 from jaxmeta.algorithms.meta_sgd import meta_sgd
 from jaxmeta.algorithms.meta_sgd import meta_sgd_params
@@ -21,12 +24,15 @@ from jaxmeta.algorithms.pretrain import pretrain
 from jaxmeta.algorithms.reptile import reptile
 
 __all__ = [
+    "Adapt",
+    "Adaptation",
     "MetaLearner",
     "MetaState",
     "anil",
     "conjugate_gradient",
     "flax_anil_fns",
     "fomaml",
+    "gradient_adapt",
     "head_only_lr",
     "imaml",
     "imaml_gradient",
@@ -34,7 +40,7 @@ __all__ = [
     "maml_loss",
     "maml_objective",
     "mamlpp",
-    "mamlpp_evaluate",
+    "mamlpp_adapt",
     "mamlpp_params",
     "meta_sgd",
     "meta_sgd_params",

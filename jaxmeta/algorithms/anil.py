@@ -45,15 +45,17 @@ import jax.numpy as jnp
 import optax
 
 from jaxmeta.algorithms.base import (
+    Adaptation,
     MetaLearner,
     MetaState,
     apply_outer,
+    gradient_adapt,
     init_state,
-    map_tasks,
     mean_metrics,
     query_before_after,
 )
 from jaxmeta.inner import LossFn, inner_adapt
+from jaxmeta.tasks import map_tasks
 from jaxmeta.types import Batch, Params, PyTree, Task
 
 FeaturesFn = Callable[[Params, jax.Array], jax.Array]
@@ -358,7 +360,8 @@ def anil(
       chunk_size: tasks per chunk (``None``: all tasks in one ``vmap``).
 
     Returns:
-      A :class:`MetaLearner` over the full model parameters; ``step`` metrics:
+      A :class:`MetaLearner` over the full model parameters, whose ``adapt``
+      takes SGD steps on the head alone; ``step`` metrics:
       ``loss``, ``query_loss_pre``/``query_loss_post`` (and aux values) and
       ``grad_norm``.
     """
@@ -384,4 +387,6 @@ def anil(
         metrics = {"loss": loss, **metrics, "grad_norm": optax.tree.norm(grads)}
         return apply_outer(outer, state, grads), metrics
 
-    return MetaLearner(init, step)
+    rule = lambda params: Adaptation(params, head_only_lr(params, inner_lr, head=head))  # noqa: E731
+    adapt = gradient_adapt(anil_loss_fn(features_fn, head_loss_fn, head=head), rule, has_aux=has_aux)
+    return MetaLearner(init, step, adapt)

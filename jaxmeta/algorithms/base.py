@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from jaxmeta.inner import LossFn, loss_value
+from jaxmeta.inner import LossFn, adapt_with_state, loss_value, task_schedule
 from jaxmeta.types import Batch, Params, PyTree, Task
 
 
@@ -26,18 +26,82 @@ class MetaState(NamedTuple):
     step: jax.Array
 
 
+class Adapt(Protocol):
+    """``adapt(state, support, *, steps, key=None, observe=None)``: a learner's test-time adaptation.
+
+    ``state`` is the learner's :class:`MetaState` (or its ``params``), ``support``
+    one task's support set, ``steps`` the inner steps (any number, also more
+    than in training), ``key`` seeds any randomness of the rule (Reptile's
+    mini-batches). Returns the adapted model parameters, ready for the model;
+    with ``observe``, ``(adapted, observed)`` where ``observed`` stacks
+    ``observe(params)`` after 0, 1, ..., ``steps`` steps (what
+    :func:`jaxmeta.evaluate` scores).
+    """
+
+    def __call__(self, state: MetaState | PyTree, support: Batch, *, steps: int, key: jax.Array | None = None,
+                 observe: Callable[[Params], PyTree] | None = None) -> Params | tuple[Params, PyTree]: ...
+
+
 class MetaLearner(NamedTuple):
-    """A meta-learning algorithm as two pure, jit-compatible functions.
+    """A meta-learning algorithm as three pure, jit-compatible functions.
 
     Attributes:
       init: ``init(params) -> MetaState``.
       step: ``step(state, tasks) -> (state, metrics)``, one meta-update on a
         batch of tasks (every array with a leading task axis). ``metrics`` is a
         dict of scalars that always holds ``"loss"``, the meta-objective.
+      adapt: ``adapt(state, support, *, steps, key=None, observe=None) ->
+        adapted params``, the learner's own test-time rule (:class:`Adapt`):
+        MAML's SGD, Meta-SGD's learned rates, ANIL's head-only steps, ...
     """
 
     init: Callable[[Params], MetaState]
     step: Callable[[MetaState, Task], tuple[MetaState, dict[str, jax.Array]]]
+    adapt: Adapt
+
+
+class Adaptation(NamedTuple):
+    """A gradient-descent test-time rule, read off a learner's meta-parameters (see :func:`gradient_adapt`)."""
+
+    params: Params
+    """The initial parameters."""
+    lr: PyTree
+    """The inner learning rate: a scalar or a pytree like ``params``."""
+    proximal: float | None = None
+    """λ of iMAML's proximal term ``(λ/2)·||φ − params||²`` on the support loss, else ``None``."""
+    optimizer: optax.GradientTransformation | None = None
+    """The inner optimiser (``None``: SGD at ``lr``)."""
+    opt_state: PyTree | None = None
+    """Its starting state (Reptile's carried state), else a fresh one."""
+
+
+def meta_params(state: MetaState | PyTree) -> PyTree:
+    """The meta-parameters of a :class:`MetaState`, or ``state`` itself when it holds them already."""
+    return state.params if isinstance(state, MetaState) else state
+
+
+def gradient_adapt(loss_fn: LossFn, rule: Callable[[PyTree], Adaptation], *, has_aux: bool = False,
+                   batch_size: int | None = None) -> Adapt:
+    """The :class:`Adapt` of a learner that adapts by gradient steps on the support loss.
+
+    Args:
+      loss_fn: ``loss_fn(params, (x, y))`` (scalar, or ``(scalar, aux)`` with ``has_aux``).
+      rule: ``rule(meta_params) -> Adaptation``: the initialisation, rates,
+        proximal term and inner optimiser the learner's meta-parameters give.
+      has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+      batch_size: support examples per step, drawn without replacement from
+        ``key`` (:func:`jaxmeta.inner.minibatch_schedule`); ``None``: all.
+    """
+
+    def adapt(state, support, *, steps, key=None, observe=None):
+        r = rule(meta_params(state))
+        batches = task_schedule(jax.random.PRNGKey(0) if key is None else key, support, steps, batch_size)
+        adapted, _, seen = adapt_with_state(loss_fn, r.params, support, steps=steps, lr=r.lr, has_aux=has_aux,
+                                            proximal=r.proximal, optimizer=r.optimizer, opt_state=r.opt_state,
+                                            batches=batches, observe=observe)
+        return adapted if observe is None else (adapted, seen)
+
+    return adapt
 
 
 def init_state(outer: optax.GradientTransformation, params: Params) -> MetaState:
@@ -51,18 +115,6 @@ def apply_outer(
     """Applies one outer-optimiser update of ``grads`` to ``state``."""
     updates, opt_state = outer.update(grads, state.opt_state, state.params)
     return MetaState(optax.apply_updates(state.params, updates), opt_state, state.step + 1)
-
-
-def map_tasks(fn: Callable, tasks: PyTree, chunk_size: int | None = None):
-    """Maps ``fn`` over the leading task axis: ``vmap``, or ``lax.map`` in chunks.
-
-    ``chunk_size=None`` vectorises over all tasks at once; an integer runs
-    ``chunk_size`` tasks at a time (vectorised within a chunk), which bounds
-    memory and can be faster on CPUs.
-    """
-    if chunk_size is None:
-        return jax.vmap(fn)(tasks)
-    return jax.lax.map(fn, tasks, batch_size=chunk_size)
 
 
 def scored(

@@ -32,15 +32,17 @@ import jax.numpy as jnp
 import optax
 
 from jaxmeta.algorithms.base import (
+    Adaptation,
     MetaLearner,
     MetaState,
     apply_outer,
+    gradient_adapt,
     init_state,
-    map_tasks,
     mean_metrics,
     query_before_after,
 )
 from jaxmeta.inner import LossFn, inner_adapt, loss_value
+from jaxmeta.tasks import map_tasks
 from jaxmeta.types import Batch, Params, PyTree, Task
 
 
@@ -225,7 +227,8 @@ def imaml(
         ``inner_lr`` (the implicit gradient does not depend on how φ was found).
 
     Returns:
-      A :class:`MetaLearner`; ``step`` metrics: ``loss`` (mean query loss at
+      A :class:`MetaLearner` whose ``adapt`` solves the training's inner
+      problem (the support loss plus the proximal term); ``step`` metrics: ``loss`` (mean query loss at
       the adapted parameters, which is not the objective differentiated by
       backprop but the one whose implicit gradient is applied),
       ``query_loss_pre``/``query_loss_post`` (and aux values) and ``grad_norm``.
@@ -260,4 +263,5 @@ def imaml(
         metrics = {"loss": loss, **metrics, "grad_norm": optax.tree.norm(grads)}
         return apply_outer(outer, state, grads), metrics
 
-    return MetaLearner(init, step)
+    rule = lambda params: Adaptation(params, inner_lr, proximal=lam, optimizer=inner_optimizer)  # noqa: E731
+    return MetaLearner(init, step, gradient_adapt(loss_fn, rule, has_aux=has_aux))

@@ -8,15 +8,17 @@ import jax
 import optax
 
 from jaxmeta.algorithms.base import (
+    Adaptation,
     MetaLearner,
     MetaState,
     apply_outer,
+    gradient_adapt,
     init_state,
-    map_tasks,
     mean_metrics,
     query_before_after,
 )
 from jaxmeta.inner import LossFn, inner_adapt
+from jaxmeta.tasks import map_tasks
 from jaxmeta.types import Params, PyTree, Task
 
 
@@ -161,7 +163,9 @@ def maml(
         second-order gradient through Adam, use ``optax.adam(..., eps_root=1e-8)``.
 
     Returns:
-      A :class:`MetaLearner`; ``step`` metrics: ``loss`` (the meta-loss),
+      A :class:`MetaLearner` whose ``adapt`` takes the training's inner steps
+      (SGD at ``inner_lr`` or ``inner_optimizer``) from the learned
+      initialisation; ``step`` metrics: ``loss`` (the meta-loss),
       ``query_loss_pre``/``query_loss_post`` (and aux values likewise) and
       ``grad_norm``.
 
@@ -193,7 +197,8 @@ def maml(
         metrics = {"loss": loss, **metrics, "grad_norm": optax.tree.norm(grads)}
         return apply_outer(outer, state, grads), metrics
 
-    return MetaLearner(init, step)
+    rule = lambda params: Adaptation(params, inner_lr, optimizer=inner_optimizer)  # noqa: E731
+    return MetaLearner(init, step, gradient_adapt(loss_fn, rule, has_aux=has_aux))
 
 
 fomaml = functools.partial(maml, first_order=True)

@@ -48,11 +48,11 @@ from jaxmeta.algorithms.base import (
     MetaState,
     apply_outer,
     init_state,
-    map_tasks,
     mean_metrics,
     scored,
 )
 from jaxmeta.inner import LossFn, loss_value
+from jaxmeta.tasks import map_tasks
 from jaxmeta.types import Batch, Params, PyTree, Task
 
 StepView = Callable[[Params, jax.Array], Params]
@@ -325,11 +325,10 @@ def mamlpp_objective(
 def mamlpp_params(state: MetaState | dict[str, PyTree]) -> tuple[Params, PyTree]:
     """The meta-learned ``(params, lrs)`` of a MAML++ state (``lrs`` leaves are ``[steps]``).
 
-    Evaluate with :func:`mamlpp_evaluate` (one rate per step), or with
-    ``jaxmeta.evaluate(..., lr=...)`` and a single rate.  With per-step batch
-    norm the batch-norm leaves of ``params`` are ``[steps + 1, ...]`` rows and
-    ``lrs`` is ``None`` there: pass ``per_step=is_batch_norm`` to
-    :func:`mamlpp_evaluate`.
+    The learner's ``adapt`` (and :func:`jaxmeta.evaluate`) steps with one rate
+    per step (:func:`mamlpp_adapt`).  With per-step batch norm the batch-norm
+    leaves of ``params`` are ``[steps + 1, ...]`` rows and ``lrs`` is ``None``
+    there.
     """
     meta = state.params if isinstance(state, MetaState) else state
     return meta["params"], meta["lr"]
@@ -344,75 +343,28 @@ def mamlpp_adapt(
     steps: int,
     has_aux: bool = False,
     per_step: LeafPredicate | None = None,
-) -> Params:
+    observe: Callable[[Params], PyTree] | None = None,
+) -> Params | tuple[Params, PyTree]:
     """Adapts a MAML++ initialisation to one support set with ``steps`` per-step-rate SGD steps.
 
-    The rates come from :func:`rates_for_steps`; with ``per_step`` (per-step
-    batch norm) the returned parameters carry row ``steps`` of every per-step
-    leaf (the last row beyond the trained steps), so ``loss_fn`` and the
-    model take them as they are.
+    The rates come from :func:`rates_for_steps` (the last trained step's
+    beyond the trained steps); with ``per_step`` (per-step batch norm) the
+    returned parameters carry row ``steps`` of every per-step leaf (the last
+    row beyond the trained steps), so ``loss_fn`` and the model take them as
+    they are.  With ``observe``, also returns ``observe`` of the parameters
+    after 0, 1, ..., ``steps`` steps (each seen as the model sees it then),
+    as the learner's ``adapt`` does (:class:`~jaxmeta.algorithms.base.Adapt`).
     """
-    at_step = None
-    if per_step is not None:
-        params, at_step = per_step_view(params, per_step)
-    adapted, _ = adapt_per_step(loss_fn, params, support, lrs=rates_for_steps(lrs, steps), has_aux=has_aux,
-                                at_step=at_step)
-    return adapted if at_step is None else at_step(adapted, steps)
-
-
-@functools.partial(jax.jit, static_argnames=("loss_fn", "has_aux", "chunk_size", "per_step", "steps", "query_score"))
-def mamlpp_evaluate(
-    loss_fn: LossFn,
-    params: Params,
-    lrs: PyTree,
-    tasks: Task,
-    *,
-    has_aux: bool = False,
-    chunk_size: int | None = 50,
-    per_step: LeafPredicate | None = None,
-    steps: int | None = None,
-    query_score: Callable | None = None,
-):
-    """:func:`jaxmeta.evaluate` with per-step rates: query metrics after 0..N steps.
-
-    Args:
-      loss_fn: ``loss_fn(params, (x, y))`` (scalar, or ``(scalar, aux)`` with ``has_aux``).
-      params: the meta-learned initialisation.
-      lrs: per-step rates (:func:`mamlpp_params`); N is their number of steps.
-      tasks: test tasks with a leading task axis.
-      has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
-      chunk_size: tasks adapted at once; ``None`` for all.
-      per_step: the per-step leaves (e.g. :func:`is_batch_norm`) of a learner
-        trained with ``per_step_bn=True``; ``None`` otherwise.
-      steps: test with this many steps instead of N (:func:`rates_for_steps`:
-        the last step's rate, and batch-norm row, beyond the trained steps).
-      query_score: how adapted parameters are scored on the query set, as in
-        :func:`jaxmeta.evaluate` (``None``: ``loss_fn`` on the whole query batch).
-
-    Returns:
-      A :class:`jaxmeta.EvalResult` with ``[N + 1]`` (or ``[steps + 1]``) means and CIs.
-    """
-    from jaxmeta.evaluation import EvalResult, ci95, query_observer  # lazy: evaluation imports the algorithms package
-
-    if steps is not None:
-        lrs = rates_for_steps(lrs, steps)
     at_step = None
     if per_step is not None:
         params, at_step = per_step_view(params, per_step)
     view = _identity_view if at_step is None else at_step
-
-    def per_task(task):
-        observe = query_observer(loss_fn, task, has_aux=has_aux, query_score=query_score)
-
-        _, seen = adapt_per_step(loss_fn, params, task.support, lrs=lrs, has_aux=has_aux, observe=observe,
-                                 at_step=at_step)
-        return jax.tree.map(lambda a, s: jnp.concatenate([a[None], s]), observe(view(params, 0)), seen)
-
-    num_tasks = jax.tree.leaves(tasks)[0].shape[0]
-    chunk = None if chunk_size is None or chunk_size >= num_tasks else chunk_size
-    per_task_values = map_tasks(per_task, tasks, chunk)
-    mean = {k: jnp.mean(v, axis=0) for k, v in per_task_values.items()}
-    return EvalResult(mean, {k: ci95(v) for k, v in per_task_values.items()}, per_task_values)
+    adapted, seen = adapt_per_step(loss_fn, params, support, lrs=rates_for_steps(lrs, steps), has_aux=has_aux,
+                                   at_step=at_step, observe=observe)
+    adapted = view(adapted, steps)
+    if observe is None:
+        return adapted
+    return adapted, jax.tree.map(lambda a, s: jnp.concatenate([a[None], s]), observe(view(params, 0)), seen)
 
 
 def mamlpp(
@@ -536,4 +488,10 @@ def mamlpp(
         metrics = {"loss": loss, **metrics, "grad_norm": optax.tree.norm(grads)}
         return apply_outer(outer, state, grads), metrics
 
-    return MetaLearner(init, step)
+    def adapt(state, support, *, steps, key=None, observe=None):
+        del key  # the rule is deterministic
+        params, lrs = mamlpp_params(state)
+        return mamlpp_adapt(loss_fn, params, lrs, support, steps=steps, has_aux=has_aux, per_step=per_step,
+                            observe=observe)
+
+    return MetaLearner(init, step, adapt)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxmeta.algorithms.base import MetaLearner, MetaState, apply_outer, init_state
+from jaxmeta.algorithms.base import Adaptation, MetaLearner, MetaState, apply_outer, gradient_adapt, init_state
 from jaxmeta.algorithms.maml import maml_objective
 from jaxmeta.inner import LossFn
 from jaxmeta.types import Params, PyTree, Task
@@ -126,7 +126,8 @@ def meta_sgd(
       chunk_size: tasks per chunk (``None``: all tasks in one ``vmap``).
 
     Returns:
-      A :class:`MetaLearner`; ``step`` metrics: ``loss``, ``query_loss_pre``,
+      A :class:`MetaLearner` whose ``adapt`` steps with the learned rates ``α``
+      (any number of steps); ``step`` metrics: ``loss``, ``query_loss_pre``,
       ``query_loss_post`` (and aux values likewise), ``grad_norm`` (over θ and
       α) and ``lr_mean`` (the mean learned rate).
 
@@ -159,4 +160,5 @@ def meta_sgd(
         metrics = {"loss": loss, **metrics, "grad_norm": optax.tree.norm(grads), "lr_mean": lr_mean}
         return apply_outer(outer, state, grads), metrics
 
-    return MetaLearner(init, step)
+    adapt = gradient_adapt(loss_fn, lambda p: Adaptation(*meta_sgd_params(p)), has_aux=has_aux)
+    return MetaLearner(init, step, adapt)

@@ -7,16 +7,18 @@ import jax.numpy as jnp
 import optax
 
 from jaxmeta.algorithms.base import (
+    Adaptation,
     MetaLearner,
     MetaState,
     apply_outer,
+    gradient_adapt,
     init_state,
-    map_tasks,
     mean_metrics,
     scored,
 )
 from jaxmeta.inner import LossFn
-from jaxmeta.types import Params, Task
+from jaxmeta.tasks import map_tasks
+from jaxmeta.types import Params, PyTree, Task
 
 
 def all_data(task: Task):
@@ -44,6 +46,8 @@ def pretrain(
     optimizer: optax.GradientTransformation,
     has_aux: bool = False,
     chunk_size: int | None = None,
+    finetune_lr: float | PyTree = 0.01,
+    finetune_optimizer: optax.GradientTransformation | None = None,
 ) -> MetaLearner:
     """Pre-training on all tasks: the baseline MAML is compared with.
 
@@ -57,6 +61,10 @@ def pretrain(
       optimizer: the optax optimiser, e.g. ``optax.adam(1e-3)``.
       has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
       chunk_size: tasks per chunk (``None``: all tasks in one ``vmap``).
+      finetune_lr: the SGD rate with which ``adapt`` fine-tunes the
+        pre-trained parameters on a support set (as MAML's inner rate).
+      finetune_optimizer: fine-tune with this optax optimiser instead (e.g.
+        Adam, as the translation experiment fine-tunes every method).
 
     Returns:
       A :class:`MetaLearner`; metrics ``loss``, ``query_loss_pre`` (and aux
@@ -74,4 +82,5 @@ def pretrain(
         metrics = {"loss": loss, **metrics, "grad_norm": optax.tree.norm(grads)}
         return apply_outer(optimizer, state, grads), metrics
 
-    return MetaLearner(init, step)
+    return MetaLearner(init, step, gradient_adapt(loss_fn, lambda p: Adaptation(p, finetune_lr, optimizer=finetune_optimizer),
+                                                has_aux=has_aux))

@@ -7,15 +7,17 @@ import jax.numpy as jnp
 import optax
 
 from jaxmeta.algorithms.base import (
+    Adaptation,
     MetaLearner,
     MetaState,
     apply_outer,
+    gradient_adapt,
     init_state,
-    map_tasks,
     mean_metrics,
     query_before_after,
 )
 from jaxmeta.inner import LossFn, adapt_with_state, task_schedule
+from jaxmeta.tasks import map_tasks
 from jaxmeta.types import Params, PyTree, Task
 
 INNER_STATE = "inner_state"
@@ -43,6 +45,7 @@ def reptile(
     inner_batch_size: int | None = None,
     persistent_inner_state: bool = False,
     seed: int = 0,
+    test_inner_batch_size: int | None = None,
 ) -> MetaLearner:
     """Reptile: move the initialisation toward each task's adapted weights.
 
@@ -81,9 +84,13 @@ def reptile(
       persistent_inner_state: carry the inner optimiser's state from task to
         task (needs ``inner_optimizer``).
       seed: seeds the inner mini-batch draws.
+      test_inner_batch_size: support examples per test-time inner step
+        (``adapt``; the reference protocol tests on smaller mini-batches than
+        it trains on); ``None``: the whole support set.
 
     Returns:
-      A :class:`MetaLearner`. Metrics: ``loss`` (mean query loss after
+      A :class:`MetaLearner` whose ``adapt`` takes inner steps as in training
+      (``inner_optimizer``, from the carried state when there is one). Metrics: ``loss`` (mean query loss after
       adaptation), ``query_*_pre``/``query_*_post`` and ``grad_norm`` (norm of
       the pseudo-gradient).
     """
@@ -139,4 +146,8 @@ def reptile(
             new = new._replace(params={"params": new.params, INNER_STATE: inner_state})
         return new, metrics
 
-    return MetaLearner(init, step)
+    def rule(meta_params):
+        params, carried = reptile_params(meta_params)
+        return Adaptation(params, inner_lr, optimizer=inner_optimizer, opt_state=carried)
+
+    return MetaLearner(init, step, gradient_adapt(loss_fn, rule, has_aux=has_aux, batch_size=test_inner_batch_size))
