@@ -33,7 +33,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmeta import evaluate
-from jaxmeta.algorithms.anil import flax_anil_fns
 from jaxmeta.algorithms.registry import (
     ALGORITHMS,
     BASE_ALGORITHMS,
@@ -164,7 +163,8 @@ def build_learner(config: SinusoidConfig, algo: str, inner_lr: float | None = No
         imaml_lam=config.imaml_lam,
         imaml_cg_steps=config.imaml_cg_steps,
         imaml_cg_damping=config.imaml_cg_damping,
-        anil_fns=flax_anil_fns(model, regression_loss, head=ANIL_HEAD) if algo == "anil" else None,
+        model=model,
+        make_loss=regression_loss,
         anil_head=ANIL_HEAD,
     )
 

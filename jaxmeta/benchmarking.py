@@ -40,7 +40,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmeta.algorithms.anil import flax_anil_fns
 from jaxmeta.algorithms.registry import ALGORITHMS, make_learner
 from jaxmeta.distributed import cpu_count, device_description  # noqa: F401 - device_description: part of this API
 from jaxmeta.errors import ConfigError
@@ -239,7 +238,8 @@ def build_problem(config: BenchConfig) -> BenchProblem:
         has_aux=has_aux,
         remat=config.remat,
         chunk_size=config.chunk_size,
-        anil_fns=flax_anil_fns(model, make_loss, head=head) if config.algo == "anil" else None,
+        model=model,
+        make_loss=make_loss,
         anil_head=head,
     )
     return BenchProblem(learner, params, sample, data)

@@ -29,7 +29,6 @@ import numpy as np
 import optax
 
 from jaxmeta import checkpoint as ckpt
-from jaxmeta.algorithms.anil import flax_anil_fns
 from jaxmeta.algorithms.registry import ALGORITHMS, make_learner
 from jaxmeta.data import episodes, provenance
 from jaxmeta.distributed import check_meta_batch, machine_name, task_mesh
@@ -341,7 +340,8 @@ def build(config: FewShotConfig):
         imaml_cg_steps=config.imaml_cg_steps,
         imaml_cg_damping=config.imaml_cg_damping,
         mamlpp_per_step_bn=config.per_step_bn,
-        anil_fns=flax_anil_fns(model, classification_loss, head="head") if config.algo == "anil" else None,
+        model=model,
+        make_loss=classification_loss,
         inner_optimizer=make_inner_optimizer(config),
         inner_batch_size=config.inner_batch,
         persistent_inner_state=config.persistent_inner_state,

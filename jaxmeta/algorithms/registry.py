@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
+import flax.linen as nn
 import optax
 
-from jaxmeta.algorithms.anil import anil
+from jaxmeta.algorithms.anil import anil, flax_anil_fns
 from jaxmeta.algorithms.base import MetaLearner
 from jaxmeta.algorithms.imaml import imaml
 from jaxmeta.algorithms.maml import maml
@@ -35,6 +38,8 @@ def make_learner(
     reptile_epsilon: float = 1.0,
     anil_fns: tuple | None = None,
     anil_head: str = "head",
+    model: nn.Module | None = None,
+    make_loss: Callable | None = None,
     imaml_lam: float = 1.0,
     imaml_cg_steps: int = 5,
     imaml_cg_damping: float = 0.0,
@@ -51,8 +56,9 @@ def make_learner(
     Reptile uses SGD with step size ``reptile_epsilon`` annealed linearly to 0
     over ``meta_steps`` (Nichol et al.); pre-training uses Adam(``outer_lr``).
     Meta-SGD, ANIL, MAML++ and iMAML use Adam(``outer_lr``) too.  ANIL needs
-    ``anil_fns=(features_fn, head_loss_fn)`` (see
-    :func:`~jaxmeta.algorithms.anil.flax_anil_fns`).  MAML++ switches on all
+    ``anil_fns=(features_fn, head_loss_fn)``, or the Flax ``model`` and the
+    ``make_loss`` that made ``loss_fn`` (e.g. ``classification_loss``), from
+    which :func:`~jaxmeta.algorithms.anil.flax_anil_fns` splits them at ``anil_head``.  MAML++ switches on all
     its generic stabilisers: multi-step loss annealed over the first tenth of
     ``meta_steps``, learned per-layer per-step inner rates, first order for the
     first third, cosine annealing of the outer rate; ``mamlpp_per_step_bn`` adds
@@ -110,8 +116,10 @@ def make_learner(
         return meta_sgd(loss_fn, inner_steps=inner_steps, init_lr=inner_lr, outer=optax.adam(outer_lr),
                         remat=remat, has_aux=has_aux, chunk_size=chunk_size)
     if algo == "anil":
+        if anil_fns is None and model is not None and make_loss is not None:
+            anil_fns = flax_anil_fns(model, make_loss, head=anil_head)
         if anil_fns is None:
-            raise ConfigError("anil needs anil_fns=(features_fn, head_loss_fn), e.g. flax_anil_fns(model, ...)")
+            raise ConfigError("anil needs anil_fns=(features_fn, head_loss_fn), or the Flax model and make_loss")
         features_fn, head_loss_fn = anil_fns
         return anil(features_fn, head_loss_fn, head=anil_head, inner_steps=inner_steps, inner_lr=inner_lr,
                     outer=optax.adam(outer_lr), remat=remat, has_aux=has_aux, chunk_size=chunk_size)
