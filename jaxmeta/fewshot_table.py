@@ -143,8 +143,9 @@ def results_table(records: Sequence[Mapping], paper: PaperResults | None = None)
         mode += f", {r['test_inner_steps']} steps"
         accuracy = f"**{100 * r['accuracy']:.2f}% ± {100 * r['ci95']:.2f}** ({r['tasks']} tasks)"
         if r.get("note"):
-            notes.append(r["note"])
-            accuracy += f" [{len(notes)}]"
+            if r["note"] not in notes:  # one line per distinct note
+                notes.append(r["note"])
+            accuracy += f" [{notes.index(r['note']) + 1}]"
         speed = "—" if r["ms_per_meta_step"] is None else f"{r['ms_per_meta_step']:.0f}"
         lines.append(
             f"| {r['ways']}-way {r['shots']}-shot | {ALGO_NAMES.get(r['algorithm'], r['algorithm'])} | {accuracy} "
