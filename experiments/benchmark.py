@@ -46,6 +46,7 @@ from collections.abc import Sequence
 
 from jaxmeta.algorithms.registry import ALGORITHMS
 from jaxmeta.cli import ArgumentParser, choice_list, int_list, positive_float, positive_int, run, writable_dir
+from jaxmeta.distributed import cpu_count
 from jaxmeta.errors import ConfigError
 
 
@@ -291,7 +292,7 @@ def torch_comparison(config, args, *, contestants: Sequence[str] = CONTESTANTS) 
     from jaxmeta import benchmarking as bm
 
     check_torch_config(config)
-    threads = args.torch_threads or bm.cpu_count()
+    threads = args.torch_threads or cpu_count()
     log = lambda m: _say(f"[torch] {m}")  # noqa: E731
     with tempfile.TemporaryDirectory(prefix="jaxmeta-torch-") as tmp:
         episode = os.path.join(tmp, "episode.npz")

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmeta.algorithms.registry import ALGORITHMS, make_learner
-from jaxmeta.distributed import cpu_count, device_description  # noqa: F401 - device_description: part of this API
+from jaxmeta.distributed import device_description
 from jaxmeta.errors import ConfigError
 from jaxmeta.io import save_figure
 from jaxmeta.training import guarded_step, init_train_state, make_train_chunk

@@ -47,7 +47,8 @@ def query_loss(loss_fn: LossFn, *, has_aux: bool = False) -> Callable:
     return score
 
 
-@functools.partial(jax.jit, static_argnames=("learner", "steps", "loss_fn", "has_aux", "query_score", "chunk_size"))
+@functools.partial(jax.jit,
+                   static_argnames=("learner", "steps", "loss_fn", "has_aux", "query_score", "chunk_size"))
 def evaluate(
     learner: MetaLearner,
     state: MetaState | PyTree,

@@ -146,8 +146,8 @@ def config_from_args(dataset: str, preset: PresetFn, args) -> fewshot.FewShotCon
 def preset_of(config: fewshot.FewShotConfig, preset: PresetFn, presets: Sequence[str]) -> str:
     """The name of the preset whose run identity ``config`` has (its budget and evaluation may differ);
     ``"custom"`` when none has."""
+    base = dict(dataset=config.dataset, algo=config.algo, ways=config.ways, shots=config.shots)
     for name in presets:
-        base = dict(dataset=config.dataset, algo=config.algo, ways=config.ways, shots=config.shots)
         candidate = fewshot.algo_defaults(fewshot.FewShotConfig(**{**base, **preset(name, config.ways, config.shots,
                                                                                       config.algo)}), set())
         if candidate.identity() == config.identity():

@@ -27,10 +27,10 @@ of :mod:`jaxmeta.models`::
     learner = anil(features_fn, head_loss_fn, head="head", inner_steps=5,
                    inner_lr=0.4, outer=optax.adam(1e-3), has_aux=True)
 
-The state's ``params`` are the full model parameters (as for MAML).  To
-evaluate ANIL as it is trained (head-only fine-tuning) use
-``jaxmeta.evaluate(loss_fn, params, tasks, steps=..., lr=head_only_lr(params, lr, head="head"))``
-with the model's ordinary ``loss_fn`` (or :func:`anil_loss_fn`).
+The state's ``params`` are the full model parameters (as for MAML).  The
+learner's ``adapt`` fine-tunes the head alone, as in training, so
+``jaxmeta.evaluate(learner, state, tasks, steps=..., loss_fn=loss_fn)`` scores
+ANIL as it is trained (the rates are :func:`head_only_lr`).
 """
 
 from __future__ import annotations

@@ -61,7 +61,7 @@ class MetaLearner(NamedTuple):
 
 
 class Adaptation(NamedTuple):
-    """A gradient-descent test-time rule, read off a learner's meta-parameters (see :func:`gradient_adapt`)."""
+    """A gradient-descent test-time rule, read off a learner's meta-parameters (:func:`gradient_adapt`)."""
 
     params: Params
     """The initial parameters."""

@@ -228,7 +228,8 @@ def imaml(
 
     Returns:
       A :class:`MetaLearner` whose ``adapt`` solves the training's inner
-      problem (the support loss plus the proximal term); ``step`` metrics: ``loss`` (mean query loss at
+      problem (the support loss plus the proximal term); ``step`` metrics:
+      ``loss`` (mean query loss at
       the adapted parameters, which is not the objective differentiated by
       backprop but the one whose implicit gradient is applied),
       ``query_loss_pre``/``query_loss_post`` (and aux values) and ``grad_norm``.

@@ -49,6 +49,7 @@ from jaxmeta.algorithms.base import (
     apply_outer,
     init_state,
     mean_metrics,
+    meta_params,
     scored,
 )
 from jaxmeta.inner import LossFn, loss_value
@@ -330,7 +331,7 @@ def mamlpp_params(state: MetaState | dict[str, PyTree]) -> tuple[Params, PyTree]
     leaves of ``params`` are ``[steps + 1, ...]`` rows and ``lrs`` is ``None``
     there.
     """
-    meta = state.params if isinstance(state, MetaState) else state
+    meta = meta_params(state)
     return meta["params"], meta["lr"]
 
 

@@ -14,7 +14,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxmeta.algorithms.base import Adaptation, MetaLearner, MetaState, apply_outer, gradient_adapt, init_state
+from jaxmeta.algorithms.base import (
+    Adaptation,
+    MetaLearner,
+    MetaState,
+    apply_outer,
+    gradient_adapt,
+    init_state,
+    meta_params,
+)
 from jaxmeta.algorithms.maml import maml_objective
 from jaxmeta.inner import LossFn
 from jaxmeta.types import Params, PyTree, Task
@@ -45,10 +53,9 @@ def meta_sgd_params(state: MetaState | dict[str, PyTree]) -> tuple[Params, PyTre
       state: a Meta-SGD :class:`MetaState` or its ``params`` dict.
 
     Returns:
-      ``(θ, α)``: evaluate with
-      ``jaxmeta.evaluate(loss_fn, θ, tasks, steps=..., lr=α)``.
+      ``(θ, α)``, with which the learner's ``adapt`` (and :func:`jaxmeta.evaluate`) adapts.
     """
-    meta = state.params if isinstance(state, MetaState) else state
+    meta = meta_params(state)
     return meta["params"], meta["lr"]
 
 

@@ -82,5 +82,5 @@ def pretrain(
         metrics = {"loss": loss, **metrics, "grad_norm": optax.tree.norm(grads)}
         return apply_outer(optimizer, state, grads), metrics
 
-    return MetaLearner(init, step, gradient_adapt(loss_fn, lambda p: Adaptation(p, finetune_lr, optimizer=finetune_optimizer),
-                                                has_aux=has_aux))
+    rule = lambda params: Adaptation(params, finetune_lr, optimizer=finetune_optimizer)  # noqa: E731
+    return MetaLearner(init, step, gradient_adapt(loss_fn, rule, has_aux=has_aux))

@@ -58,7 +58,8 @@ def make_learner(
     Meta-SGD, ANIL, MAML++ and iMAML use Adam(``outer_lr``) too.  ANIL needs
     ``anil_fns=(features_fn, head_loss_fn)``, or the Flax ``model`` and the
     ``make_loss`` that made ``loss_fn`` (e.g. ``classification_loss``), from
-    which :func:`~jaxmeta.algorithms.anil.flax_anil_fns` splits them at ``anil_head``.  MAML++ switches on all
+    which :func:`~jaxmeta.algorithms.anil.flax_anil_fns` splits them at
+    ``anil_head``.  MAML++ switches on all
     its generic stabilisers: multi-step loss annealed over the first tenth of
     ``meta_steps``, learned per-layer per-step inner rates, first order for the
     first third, cosine annealing of the outer rate; ``mamlpp_per_step_bn`` adds

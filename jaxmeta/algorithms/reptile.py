@@ -150,4 +150,5 @@ def reptile(
         params, carried = reptile_params(meta_params)
         return Adaptation(params, inner_lr, optimizer=inner_optimizer, opt_state=carried)
 
-    return MetaLearner(init, step, gradient_adapt(loss_fn, rule, has_aux=has_aux, batch_size=test_inner_batch_size))
+    adapt = gradient_adapt(loss_fn, rule, has_aux=has_aux, batch_size=test_inner_batch_size)
+    return MetaLearner(init, step, adapt)
