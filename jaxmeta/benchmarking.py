@@ -198,7 +198,8 @@ def build_problem(config: BenchConfig) -> BenchProblem:
     elif config.task == "translation":
         # The `cpu` preset's byte-level Transformer; random bytes at full length (timing only).
         from jaxmeta import translation
-        from jaxmeta.data.translation import OFFSET, language_task_sampler
+        from jaxmeta.data.translation import language_task_sampler
+        from jaxmeta.tokens import OFFSET
 
         tconfig = translation.preset("cpu", algo=config.algo, meta_batch=config.meta_batch,
                                      support=config.shots, query=config.queries,

@@ -21,6 +21,9 @@ from jaxmeta.types import Batch, Params, PyTree
 LossFn = Callable[..., Any]
 """``loss_fn(params, batch) -> scalar`` (or ``(scalar, aux)`` with ``has_aux``)."""
 
+StepView = Callable[[Params, jax.Array], Params]
+"""``at_step(params, t) -> params``: the parameters the loss sees after ``t`` inner steps."""
+
 
 def loss_value(loss_fn: LossFn, params: Params, batch: Batch, *, has_aux: bool = False):
     """Evaluates ``loss_fn`` and always returns ``(loss, aux_dict)``."""
@@ -44,7 +47,7 @@ def inner_adapt(
     *,
     steps: int,
     lr: float | jax.Array | PyTree = 0.01,
-    first_order: bool = False,
+    first_order: bool | jax.Array = False,
     remat: bool = False,
     optimizer: optax.GradientTransformation | None = None,
     has_aux: bool = False,
@@ -104,7 +107,7 @@ def adapt_and_observe(
     *,
     steps: int,
     lr: float | jax.Array | PyTree = 0.01,
-    first_order: bool = False,
+    first_order: bool | jax.Array = False,
     remat: bool = False,
     optimizer: optax.GradientTransformation | None = None,
     has_aux: bool = False,
@@ -112,6 +115,8 @@ def adapt_and_observe(
     proximal: float | None = None,
     batches: jax.Array | None = None,
     opt_state: optax.OptState | None = None,
+    step_lrs: PyTree | None = None,
+    at_step: StepView | None = None,
 ) -> tuple[Params, PyTree]:
     """:func:`inner_adapt`, also returning ``observe(params)`` before every step and after the last.
 
@@ -122,11 +127,13 @@ def adapt_and_observe(
     ``batches`` (``int[steps, B]``, e.g. from :func:`minibatch_schedule`)
     makes step ``i`` use the support examples ``batches[i]`` instead of the
     whole support set; ``opt_state`` starts the inner optimiser from a given
-    state instead of a fresh one.
+    state instead of a fresh one; ``step_lrs`` and ``at_step`` are
+    :func:`adapt_with_state`'s (MAML++'s per-step rates and batch-norm rows).
     """
     params, _, seen = adapt_with_state(loss_fn, params, batch, steps=steps, lr=lr, first_order=first_order,
                                        remat=remat, optimizer=optimizer, has_aux=has_aux, observe=observe,
-                                       proximal=proximal, batches=batches, opt_state=opt_state)
+                                       proximal=proximal, batches=batches, opt_state=opt_state,
+                                       step_lrs=step_lrs, at_step=at_step)
     return params, seen
 
 
@@ -165,7 +172,7 @@ def adapt_with_state(
     *,
     steps: int,
     lr: float | jax.Array | PyTree = 0.01,
-    first_order: bool = False,
+    first_order: bool | jax.Array = False,
     remat: bool = False,
     optimizer: optax.GradientTransformation | None = None,
     has_aux: bool = False,
@@ -173,23 +180,48 @@ def adapt_with_state(
     proximal: float | None = None,
     batches: jax.Array | None = None,
     opt_state: optax.OptState | None = None,
+    step_lrs: PyTree | None = None,
+    at_step: StepView | None = None,
 ) -> tuple[Params, optax.OptState, PyTree]:
     """The inner loop itself: :func:`adapt_and_observe`, also returning the inner optimiser's final state.
 
+    Every learner's adaptation runs here: MAML's and ANIL's SGD, Meta-SGD's
+    learned rates, iMAML's proximal problem, Reptile's mini-batched optimiser
+    and MAML++'s per-step rates and batch-norm rows.
+
     Reptile's reference implementation keeps one inner Adam state across
     tasks: pass it in as ``opt_state`` and carry the returned one on.
+
+    ``step_lrs`` gives step ``i`` its own rate (MAML++'s learned per-layer
+    per-step rates): a pytree like ``params`` whose leaves have a leading
+    ``[steps]`` axis (``[steps]`` for one rate per leaf and step), or one
+    ``[steps]`` array shared by all leaves; it replaces ``lr``.
+    ``at_step(params, t)`` is what ``loss_fn`` and ``observe`` see after ``t``
+    steps (MAML++'s per-step batch-norm rows,
+    :func:`~jaxmeta.algorithms.mamlpp.per_step_view`); the parameters
+    themselves by default.  ``first_order`` may be a traced boolean scalar
+    (MAML++'s derivative-order annealing switches it at run time).
     """
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
+    if step_lrs is not None and optimizer is not None:
+        raise ValueError("step_lrs are SGD rates; they cannot be combined with an optimizer")
+    if step_lrs is not None and jax.tree.structure(step_lrs) != jax.tree.structure(params):
+        if not (hasattr(step_lrs, "ndim") and step_lrs.ndim == 1):
+            raise ValueError("step_lrs must be a pytree like params with [steps] leaves, or a [steps] array")
+        step_lrs = jax.tree.map(lambda _: step_lrs, params)
+    if step_lrs is not None and any(r.shape[0] != steps for r in jax.tree.leaves(step_lrs)):
+        raise ValueError(f"step_lrs must hold one rate per step ({steps})")
+    view = _same if at_step is None else at_step
     if isinstance(proximal, (int, float)) and not proximal > 0:
         raise ValueError(f"proximal must be > 0, got {proximal}")
     if batches is not None and batches.shape[0] != steps:
         raise ValueError(f"batches must hold one row of example indices per step ({steps}), got {batches.shape}")
     anchor = params
 
-    def support_loss(p, examples):
+    def support_loss(p, examples, t):
         data = batch if examples is None else jax.tree.map(lambda a: a[examples], batch)
-        loss = loss_value(loss_fn, p, data, has_aux=has_aux)[0]
+        loss = loss_value(loss_fn, view(p, t), data, has_aux=has_aux)[0]
         if proximal is None:
             return loss
         sq = sum(jnp.sum(jnp.square(pi - ai)) for pi, ai in zip(jax.tree.leaves(p), jax.tree.leaves(anchor)))
@@ -197,37 +229,49 @@ def adapt_with_state(
 
     grad_fn = jax.grad(support_loss)
 
-    def gradient(p, examples):
-        g = grad_fn(p, examples)
-        return jax.lax.stop_gradient(g) if first_order else g
-
-    def update(p, opt_state, examples):
+    def update(p, opt_state, xs):
+        examples, rate, t = xs
+        grads = _stop_if(first_order, grad_fn(p, examples, t))
         if optimizer is None:
-            return jax.tree.map(jnp.subtract, p, _scale(lr, gradient(p, examples))), opt_state
-        updates, opt_state = optimizer.update(gradient(p, examples), opt_state, p)
+            return jax.tree.map(jnp.subtract, p, _scale(lr if rate is None else rate, grads)), opt_state
+        updates, opt_state = optimizer.update(grads, opt_state, p)
         return optax.apply_updates(p, updates), opt_state
 
-    def step(carry, examples):
+    def step(carry, xs):
         p, opt_state = carry
-        seen = None if observe is None else observe(p)
-        return update(p, opt_state, examples), seen
+        seen = None if observe is None else observe(view(p, xs[2]))
+        return update(p, opt_state, xs), seen
 
     body = jax.checkpoint(step) if remat else step
     if opt_state is None and optimizer is not None:
         opt_state = optimizer.init(params)
     carry, observed = (params, opt_state), []
+    xs = (batches, step_lrs, jnp.arange(steps))
     if steps == 1:
         # One step needs no scan, and outside a scan the step sees the shared (unbatched)
         # initialisation: vmapped over tasks, its products at θ take every task's examples in one
         # matmul (a scan's carry is per task from the start).  More steps keep one scan, so the
         # compiled program does not grow with them.
-        carry, first = body(carry, None if batches is None else batches[0])
+        carry, first = body(carry, jax.tree.map(lambda a: a[0], xs))
         observed.append(None if observe is None else jax.tree.map(lambda x: x[None], first))
     elif steps:
-        carry, seen = jax.lax.scan(body, carry, batches, length=steps)
+        carry, seen = jax.lax.scan(body, carry, xs)
         observed.append(seen)
     (params, opt_state), seen = carry, None
     if observe is not None:
-        observed.append(jax.tree.map(lambda x: x[None], observe(params)))
+        observed.append(jax.tree.map(lambda x: x[None], observe(view(params, steps))))
         seen = jax.tree.map(lambda *xs: jnp.concatenate(xs), *observed)
     return params, opt_state, seen
+
+
+def _same(params: Params, t: jax.Array) -> Params:
+    """The default ``at_step``: the parameters as they are after every step."""
+    del t
+    return params
+
+
+def _stop_if(first_order: bool | jax.Array, grads: PyTree) -> PyTree:
+    """``stop_gradient(grads)`` when ``first_order``; a traced flag selects with ``lax.cond``."""
+    if isinstance(first_order, bool):
+        return jax.lax.stop_gradient(grads) if first_order else grads
+    return jax.lax.cond(first_order, jax.lax.stop_gradient, lambda g: g, grads)

@@ -29,6 +29,7 @@ import numpy as np
 import optax
 
 from jaxmeta import checkpoint as ckpt
+from jaxmeta import tokens
 from jaxmeta.algorithms.pretrain import pretrain
 from jaxmeta.algorithms.registry import make_learner
 from jaxmeta.data import provenance
@@ -586,10 +587,10 @@ class Finetuner:
         out = []
         for start in range(0, len(sources), batch):
             chunk = list(sources[start : start + batch])
-            src = tdata.encode_batch(chunk + [""] * (batch - len(chunk)), max_len).astype(np.int32)
-            src[len(chunk):, 0] = tdata.EOS  # padding rows: a non-empty dummy source
-            tokens = np.asarray(self.decode(params, jnp.asarray(src), max_len))
-            out.extend(tdata.decode(row) for row in tokens[: len(chunk)])
+            src = tokens.encode_batch(chunk + [""] * (batch - len(chunk)), max_len).astype(np.int32)
+            src[len(chunk):, 0] = tokens.EOS  # padding rows: a non-empty dummy source
+            ids = np.asarray(self.decode(params, jnp.asarray(src), max_len))
+            out.extend(tokens.decode(row) for row in ids[: len(chunk)])
         return out
 
 

@@ -96,6 +96,50 @@ def test_per_parameter_learning_rates_gradients_match_finite_differences():
                                maml_loss(mlp_loss, params, tasks, steps=2, lr=0.1), rtol=1e-12)
 
 
+def test_one_inner_loop_takes_per_step_rates_views_and_a_traced_order():
+    """MAML++'s per-step rates and batch-norm views run in the same loop as every other rule."""
+    from jaxmeta.inner import adapt_and_observe
+
+    params = init_mlp(jax.random.PRNGKey(6))
+    task = jax.tree.map(lambda a: a[0], sine_tasks(jax.random.PRNGKey(7)))
+    rates = jnp.array([0.3, 0.02, 0.1])
+    by_hand = params
+    for r in rates:
+        by_hand = jax.tree.map(lambda p, g, r=r: p - r * g, by_hand, jax.grad(mlp_loss)(by_hand, task.support))
+    for step_lrs in (rates, jax.tree.map(lambda _: rates, params)):  # one [steps] array, or one per leaf
+        adapted, _ = adapt_and_observe(mlp_loss, params, task.support, steps=3, step_lrs=step_lrs)
+        np.testing.assert_allclose(flat(adapted), flat(by_hand), rtol=1e-12)
+    # A single rate differs (the test can tell), and the rates must match the steps.
+    assert np.abs(flat(inner_adapt(mlp_loss, params, task.support, steps=3, lr=0.1)) - flat(by_hand)).max() > 1e-3
+    with pytest.raises(ValueError, match="one rate per step"):
+        adapt_and_observe(mlp_loss, params, task.support, steps=2, step_lrs=rates)
+
+    # at_step: the loss and the observations see the view of step t (here: the output bias shifted by t).
+    def at_step(p, t):
+        return p[:-1] + [{"w": p[-1]["w"], "b": p[-1]["b"] + t}]
+
+    seen_by_hand, p = [], params
+    for t, r in enumerate(rates):
+        seen_by_hand.append(mlp_loss(at_step(p, t), task.query))
+        p = jax.tree.map(lambda x, g, r=r: x - r * g, p, jax.grad(lambda q: mlp_loss(at_step(q, t), task.support))(p))
+    seen_by_hand.append(mlp_loss(at_step(p, 3), task.query))
+    adapted, seen = adapt_and_observe(mlp_loss, params, task.support, steps=3, step_lrs=rates, at_step=at_step,
+                                      observe=lambda q: mlp_loss(q, task.query))
+    np.testing.assert_allclose(flat(adapted), flat(p), rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(seen), np.asarray(seen_by_hand), rtol=1e-12)
+
+    # A traced first_order flag selects the exact or the first-order meta-gradient at run time.
+    def meta_loss(q, first_order):
+        adapted = inner_adapt(mlp_loss, q, task.support, steps=2, lr=0.1, first_order=first_order)
+        return mlp_loss(adapted, task.query)
+
+    switched = jax.jit(jax.grad(meta_loss))
+    for order in (True, False):
+        np.testing.assert_allclose(flat(switched(params, jnp.asarray(order))), flat(jax.grad(meta_loss)(params, order)),
+                                   rtol=1e-10)
+    assert np.abs(flat(switched(params, jnp.asarray(True))) - flat(switched(params, jnp.asarray(False)))).max() > 1e-4
+
+
 def test_first_order_gradient_is_query_gradient_at_adapted_parameters():
     params = init_mlp(jax.random.PRNGKey(5))
     tasks = sine_tasks(jax.random.PRNGKey(6))

@@ -13,6 +13,7 @@ import pytest
 from conftest import REPO_ROOT, assert_one_line_error, run_in_process
 
 from jaxmeta import translation as tr
+from jaxmeta import tokens
 from jaxmeta.data import translation as tdata
 from jaxmeta.models.transformer import (
     Transformer,
@@ -26,8 +27,8 @@ SMALL = TransformerConfig(d_model=32, heads=4, encoder_layers=2, decoder_layers=
 
 
 def _batch(texts, length):
-    src = tdata.encode_batch([s for s, _ in texts], length).astype(np.int32)
-    tgt = tdata.encode_batch([t for _, t in texts], length + 1, bos=True, eos=True).astype(np.int32)
+    src = tokens.encode_batch([s for s, _ in texts], length).astype(np.int32)
+    tgt = tokens.encode_batch([t for _, t in texts], length + 1, bos=True, eos=True).astype(np.int32)
     return jnp.asarray(src), jnp.asarray(tgt)
 
 
@@ -63,14 +64,14 @@ def test_cached_greedy_decoding_equals_rerunning_the_full_decoder():
     # Re-run the whole decoder on the prefix so far (later positions hold filler, which the
     # causal mask keeps out of position t: one compiled shape for every step).
     full = jax.jit(lambda p, s, y: model.apply({"params": p}, s, y))
-    prefix = np.full((src.shape[0], steps + 1), tdata.PAD, np.int32)
-    prefix[:, 0] = tdata.BOS
+    prefix = np.full((src.shape[0], steps + 1), tokens.PAD, np.int32)
+    prefix[:, 0] = tokens.BOS
     done = np.zeros(src.shape[0], bool)
     for t in range(steps):
         logits = full(params, src, jnp.asarray(prefix[:, :steps]))
         nxt = np.asarray(jnp.argmax(logits[:, t], -1)).astype(np.int32)
-        nxt = np.where(done, tdata.PAD, nxt)
-        done |= nxt == tdata.EOS
+        nxt = np.where(done, tokens.PAD, nxt)
+        done |= nxt == tokens.EOS
         prefix[:, t + 1] = nxt
     np.testing.assert_array_equal(cached, prefix[:, 1:])
     assert len({tuple(r) for r in cached}) > 1  # outputs depend on the source

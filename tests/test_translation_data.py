@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+from jaxmeta import tokens
 from jaxmeta.data import translation as tdata
 from jaxmeta.errors import ConfigError, DataError
 
@@ -27,24 +28,24 @@ def test_every_file_parses_and_every_script_round_trips(translation_dir):
         pairs = tdata.read_tsv(str(path))
         for src, eng in pairs:
             for text in (src, eng):
-                ids = tdata.encode(text) + [tdata.EOS, tdata.PAD]
-                assert min(ids[:-2], default=tdata.OFFSET) >= tdata.OFFSET
-                assert max(ids) < tdata.VOCAB_SIZE
-                assert tdata.decode(ids) == text
+                ids = tokens.encode(text) + [tokens.EOS, tokens.PAD]
+                assert min(ids[:-2], default=tokens.OFFSET) >= tokens.OFFSET
+                assert max(ids) < tokens.VOCAB_SIZE
+                assert tokens.decode(ids) == text
         scripts.update(ord(ch) >> 7 for src, _ in pairs[:200] for ch in src)
     # Latin, Cyrillic, Greek, Hebrew, Arabic, Devanagari, Bengali, Thai, Hangul, CJK, ... all in 128-blocks.
     assert len(scripts) > 20
 
 
 def test_encode_batch_pads_truncates_and_keeps_eos():
-    batch = tdata.encode_batch(["ab", "Zürich 東京"], 6, bos=True, eos=True)
+    batch = tokens.encode_batch(["ab", "Zürich 東京"], 6, bos=True, eos=True)
     assert batch.dtype == np.uint16 and batch.shape == (2, 6)
-    assert list(batch[0]) == [tdata.BOS, ord("a") + 3, ord("b") + 3, tdata.EOS, tdata.PAD, tdata.PAD]
-    assert batch[1, -1] == tdata.EOS  # truncated, EOS kept
-    assert tdata.decode(batch[1][1:]) == "Zür"
+    assert list(batch[0]) == [tokens.BOS, ord("a") + 3, ord("b") + 3, tokens.EOS, tokens.PAD, tokens.PAD]
+    assert batch[1, -1] == tokens.EOS  # truncated, EOS kept
+    assert tokens.decode(batch[1][1:]) == "Zür"
     # Cutting a multi-byte character repairs to U+FFFD instead of raising.
-    cut = tdata.encode("東")[:2] + [tdata.EOS]
-    assert tdata.decode(cut) == "\ufffd"
+    cut = tokens.encode("東")[:2] + [tokens.EOS]
+    assert tokens.decode(cut) == "\ufffd"
 
 
 def test_deduplicate_keeps_first_translation_per_source():
@@ -80,11 +81,11 @@ def test_the_sampler_draws_disjoint_support_and_query_within_one_language():
     tasks = jax.device_get(sample(jax.random.PRNGKey(0), data))
     assert tasks.support[0].shape == (64, 5, 8) and tasks.query[1].shape == (64, 7, 9)
     for t in range(64):
-        src = [tdata.decode(r) for r in np.concatenate([tasks.support[0][t], tasks.query[0][t]])]
+        src = [tokens.decode(r) for r in np.concatenate([tasks.support[0][t], tasks.query[0][t]])]
         assert len(set(src)) == 12  # distinct pairs, support and query disjoint
         assert len({s[0] for s in src}) == 1  # one language per task
         assert all(s for s in src)  # never a padding row
-    languages = {tdata.decode(tasks.support[0][t][0])[0] for t in range(64)}
+    languages = {tokens.decode(tasks.support[0][t][0])[0] for t in range(64)}
     assert languages == {"a", "b"}
 
 

@@ -52,12 +52,9 @@ from jaxmeta.algorithms.base import (
     meta_params,
     scored,
 )
-from jaxmeta.inner import LossFn, loss_value
+from jaxmeta.inner import LossFn, StepView, adapt_and_observe
 from jaxmeta.tasks import map_tasks
 from jaxmeta.types import Batch, Params, PyTree, Task
-
-StepView = Callable[[Params, jax.Array], Params]
-"""``at_step(params, t) -> params``: the parameters the loss sees after ``t`` inner steps."""
 
 LeafPredicate = Callable[[tuple, object], bool]
 """``predicate(key_path, leaf) -> bool`` on :func:`jax.tree_util` key paths."""
@@ -173,71 +170,6 @@ def per_step_view(params: Params, per_step: LeafPredicate = is_batch_norm) -> tu
     return shared, at_step
 
 
-def _identity_view(params: Params, t: jax.Array) -> Params:
-    del t
-    return params
-
-
-def _stop_if(first_order: bool | jax.Array, grads: PyTree) -> PyTree:
-    """``stop_gradient(grads)`` when ``first_order``; a traced flag selects with ``lax.cond``."""
-    if isinstance(first_order, bool):
-        return jax.lax.stop_gradient(grads) if first_order else grads
-    return jax.lax.cond(first_order, jax.lax.stop_gradient, lambda g: g, grads)
-
-
-def adapt_per_step(
-    loss_fn: LossFn,
-    params: Params,
-    batch: Batch,
-    *,
-    lrs: PyTree,
-    first_order: bool | jax.Array = False,
-    remat: bool = False,
-    has_aux: bool = False,
-    observe: Callable[[Params], PyTree] | None = None,
-    at_step: StepView | None = None,
-) -> tuple[Params, PyTree]:
-    """SGD on ``batch`` with a different learning rate at every step (one ``lax.scan``).
-
-    Args:
-      loss_fn: ``loss_fn(params, batch)`` (scalar, or ``(scalar, aux)`` with ``has_aux``).
-      params: the initial parameters.
-      batch: the support set.
-      lrs: the rates, step-major: a pytree like ``params`` whose leaves have a
-        leading ``[steps]`` axis (``[steps]`` for one rate per leaf and step,
-        ``[steps, *leaf.shape]`` for one per entry), or a ``[steps]`` array
-        shared by all leaves.  Differentiable.
-      first_order: stop the gradient through the inner gradients; a traced
-        boolean scalar switches at run time.
-      remat: rematerialise each step in the backward pass.
-      has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
-      observe: ``observe(params)`` recorded *after* every step.
-      at_step: ``at_step(params, t)``, the parameters ``loss_fn`` and
-        ``observe`` see after ``t`` steps (per-step batch norm,
-        :func:`per_step_view`); the identity by default.
-
-    Returns:
-      ``(adapted params, observations)``, the observations stacked along a
-      leading ``[steps]`` axis (``None`` without ``observe``).
-    """
-    if jax.tree.structure(lrs) != jax.tree.structure(params):
-        if not (hasattr(lrs, "ndim") and lrs.ndim == 1):
-            raise ValueError("lrs must be a pytree like params with [steps] leaves, or a [steps] array")
-        lrs = jax.tree.map(lambda _: lrs, params)
-    view = _identity_view if at_step is None else at_step
-    steps = jax.tree.leaves(lrs)[0].shape[0]
-
-    def step(p, xs):
-        lr, t = xs
-        grads = jax.grad(lambda q: loss_value(loss_fn, view(q, t), batch, has_aux=has_aux)[0])(p)
-        grads = _stop_if(first_order, grads)
-        p = jax.tree.map(lambda x, g, r: x - r * g, p, grads, lr)
-        return p, (None if observe is None else observe(view(p, t + 1)))
-
-    body = jax.checkpoint(step) if remat else step
-    return jax.lax.scan(body, params, (lrs, jnp.arange(steps)))
-
-
 def mamlpp_task_objective(
     loss_fn: LossFn,
     params: Params,
@@ -253,22 +185,20 @@ def mamlpp_task_objective(
     """One task's multi-step loss ``Σ_i weights[i] · L_query(φ_i)`` and its metrics.
 
     ``φ_i`` are the parameters after ``i = 1..N`` inner steps (seen through
-    ``at_step(·, i)``, see :func:`adapt_per_step`).  The metrics hold the query
-    loss (and aux values) before adaptation (``query_*_pre``, no gradient) and
-    after the final step (``query_*_post``).
+    ``at_step(·, i)``, see :func:`~jaxmeta.inner.adapt_with_state`).  The
+    metrics hold the query loss (and aux values) before adaptation
+    (``query_*_pre``) and after the final step (``query_*_post``).
     """
-    view = _identity_view if at_step is None else at_step
 
     def observe(p):
         return scored(loss_fn, p, task.query, "query", has_aux=has_aux)
 
-    _, (losses, seen) = adapt_per_step(
-        loss_fn, params, task.support, lrs=lrs, first_order=first_order, remat=remat, has_aux=has_aux,
-        observe=observe, at_step=at_step,
+    _, (losses, seen) = adapt_and_observe(
+        loss_fn, params, task.support, steps=jax.tree.leaves(lrs)[0].shape[0], step_lrs=lrs,
+        first_order=first_order, remat=remat, has_aux=has_aux, observe=observe, at_step=at_step,
     )
-    objective = jnp.sum(weights * losses)
-    _, pre = scored(loss_fn, jax.lax.stop_gradient(view(params, 0)), task.query, "query", has_aux=has_aux)
-    metrics = {f"{k}_pre": v for k, v in pre.items()}
+    objective = jnp.sum(weights * losses[1:])
+    metrics = {f"{k}_pre": v[0] for k, v in seen.items()}
     metrics.update({f"{k}_post": v[-1] for k, v in seen.items()})
     return objective, metrics
 
@@ -291,7 +221,7 @@ def mamlpp_objective(
     Args:
       loss_fn: ``loss_fn(params, (x, y))`` (scalar, or ``(scalar, aux)`` with ``has_aux``).
       params: the initialisation θ.
-      lrs: per-step rates (see :func:`adapt_per_step`); their number sets the inner steps.
+      lrs: per-step rates (``step_lrs`` of :func:`~jaxmeta.inner.adapt_with_state`); their number sets the inner steps.
       tasks: a :class:`~jaxmeta.Task` batch with a leading task axis.
       weights: ``[steps]`` weights of the query losses after each step
         (:func:`msl_weights`; :func:`final_step_weights` gives MAML's objective).
@@ -359,13 +289,11 @@ def mamlpp_adapt(
     at_step = None
     if per_step is not None:
         params, at_step = per_step_view(params, per_step)
-    view = _identity_view if at_step is None else at_step
-    adapted, seen = adapt_per_step(loss_fn, params, support, lrs=rates_for_steps(lrs, steps), has_aux=has_aux,
-                                   at_step=at_step, observe=observe)
-    adapted = view(adapted, steps)
-    if observe is None:
-        return adapted
-    return adapted, jax.tree.map(lambda a, s: jnp.concatenate([a[None], s]), observe(view(params, 0)), seen)
+    adapted, seen = adapt_and_observe(loss_fn, params, support, steps=steps, step_lrs=rates_for_steps(lrs, steps),
+                                      has_aux=has_aux, at_step=at_step, observe=observe)
+    if at_step is not None:
+        adapted = at_step(adapted, steps)
+    return adapted if observe is None else (adapted, seen)
 
 
 def mamlpp(

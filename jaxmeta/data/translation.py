@@ -9,7 +9,7 @@ train and test), splits every language into disjoint train/dev/test sets, and
 turns text into byte tokens: a vocabulary that covers every script, including
 those never seen in meta-training.
 
-Token ids: ``PAD = 0``, ``BOS = 1``, ``EOS = 2``, byte ``b`` -> ``b + 3``.
+Token ids (:mod:`jaxmeta.tokens`): ``PAD = 0``, ``BOS = 1``, ``EOS = 2``, byte ``b`` -> ``b + 3``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import dataclasses
 import gzip
 import os
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
@@ -27,11 +27,10 @@ import numpy as np
 
 from jaxmeta.data import provenance
 from jaxmeta.errors import ConfigError, DataError
+from jaxmeta.tokens import encode_batch
 from jaxmeta.types import Task
 
 DATA_DIR_ENV = "JAXMETA_TRANSLATION_DIR"
-PAD, BOS, EOS, OFFSET = 0, 1, 2, 3
-VOCAB_SIZE = 256 + OFFSET
 
 # Gu et al.'s roles as the manifest names them; two validation languages of our
 # choosing (neither a meta-training nor a target language, two scripts).
@@ -40,41 +39,6 @@ ROLE_TARGET = "target(Gu18)"
 VALIDATION_LANGUAGES = ("ukr", "isl")
 # Tatoeba code -> FLORES-200 code where the FLORES one is not simply "<code>_<script>".
 FLORES_ALIASES = {"lav": "lvs"}
-
-
-# --------------------------------------------------------------------------------------
-# Byte tokenisation.
-# --------------------------------------------------------------------------------------
-
-
-def encode(text: str) -> list[int]:
-    """UTF-8 bytes of ``text`` as token ids (no BOS/EOS)."""
-    return [b + OFFSET for b in text.encode("utf-8")]
-
-
-def decode(ids: Iterable[int]) -> str:
-    """Token ids back to text: stops at the first EOS, skips PAD/BOS, repairs broken UTF-8."""
-    out = bytearray()
-    for i in ids:
-        i = int(i)
-        if i == EOS:
-            break
-        if i >= OFFSET:
-            out.append(i - OFFSET)
-    return out.decode("utf-8", errors="replace")
-
-
-def encode_batch(texts: Sequence[str], length: int, *, bos: bool = False, eos: bool = False) -> np.ndarray:
-    """``texts`` as a ``[len(texts), length]`` uint16 array, PAD-filled, truncated to ``length``.
-
-    With ``eos`` the EOS token is kept even when the text is truncated.
-    """
-    out = np.full((len(texts), length), PAD, np.uint16)
-    for row, text in enumerate(texts):
-        ids = ([BOS] if bos else []) + encode(text)
-        ids = ids[: length - 1] + [EOS] if eos else ids[:length]
-        out[row, : len(ids)] = ids
-    return out
 
 
 def byte_length(text: str) -> int:

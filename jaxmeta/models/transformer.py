@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxmeta.data.translation import BOS, EOS, PAD, VOCAB_SIZE
+from jaxmeta.tokens import BOS, EOS, PAD, VOCAB_SIZE
 from jaxmeta.types import Batch, Params
 
 NEG_INF = -1e9
