@@ -51,7 +51,7 @@ from jaxmeta.cli import (
 )
 from jaxmeta.data import sinusoid
 from jaxmeta.errors import ConfigError
-from jaxmeta.io import save_figure, write_json
+from jaxmeta.io import figure, pyplot, save_figure, write_json
 from jaxmeta.models import MLP, regression_loss
 from jaxmeta.training import train
 
@@ -340,12 +340,10 @@ def format_table(results: dict) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
 
 
+@figure
 def plot_learning_curves(results: dict, path: str) -> None:
     """Meta-training curves and test MSE against inner steps, one line per algorithm."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for algo, history in results["history"].items():
@@ -367,14 +365,12 @@ def plot_learning_curves(results: dict, path: str) -> None:
     save_figure(fig, path, dpi=120)
 
 
+@figure
 def plot_toy_fit(
     config: SinusoidConfig, trained: dict, pool, path: str, *, task: int = 0, results_lr: dict | None = None
 ) -> None:
     """The seed's picture: a test sinusoid, its K points, and fits after 0, 1 and 10 steps."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     functions, x, y = pool
     shots = min(config.eval_shots)

@@ -43,7 +43,7 @@ import numpy as np
 from jaxmeta.algorithms.registry import ALGORITHMS, make_learner
 from jaxmeta.distributed import device_description
 from jaxmeta.errors import ConfigError
-from jaxmeta.io import save_figure
+from jaxmeta.io import figure, pyplot, save_figure
 from jaxmeta.training import guarded_step, init_train_state, make_train_chunk
 
 TASKS = ("sinusoid", "omniglot", "translation")
@@ -1001,16 +1001,14 @@ _STYLE = {"maml": ("tab:red", "second order (MAML)"), "fomaml": ("tab:blue", "fi
           "imaml": ("tab:olive", "iMAML")}
 
 
+@figure
 def plot_vs_steps(results: list[dict], path: str, *, metric: str) -> None:
     """Time per meta-step (``metric="time"``) or peak memory (``"memory"``) against inner steps.
 
     One panel per setting; second vs first order, solid without remat and
     dashed with it; pre-training (no inner loop) is a horizontal line.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     settings = list(dict.fromkeys(setting_name(r["config"]) for r in results))
     fig, axes = plt.subplots(1, max(len(settings), 1), figsize=(5.2 * max(len(settings), 1), 4.2), squeeze=False)

@@ -23,6 +23,20 @@ class CheckpointError(JaxmetaError):
     """A checkpoint that is missing, corrupt or does not match the configuration."""
 
 
+class MissingExtraError(JaxmetaError, ImportError):
+    """An optional dependency is not installed: the message names the extra that installs it."""
+
+
+def missing_extra(error: ImportError, extra: str, what: str) -> MissingExtraError:
+    """The one-line error for ``error`` raised while importing ``what``'s optional dependencies.
+
+    Examples:
+      >>> str(missing_extra(ImportError(name="sacrebleu"), "translation", "BLEU scores"))
+      "BLEU scores: sacrebleu is not installed; pip install 'jaxmeta[translation]'"
+    """
+    return MissingExtraError(f"{what}: {error.name or error} is not installed; pip install 'jaxmeta[{extra}]'")
+
+
 class JaxmetaWarning(UserWarning):
     """Something the user should know that does not stop the program (a damaged
     checkpoint skipped, a run's data differing from the data at hand)."""

@@ -95,7 +95,7 @@ def evaluate(
       >>> x = jnp.ones((2, 4, 1))
       >>> result = evaluate(learner, learner.init(0.0), Task((x, 2 * x), (x, 2 * x)), steps=3, loss_fn=loss)
       >>> [round(float(v), 2) for v in result.mean["loss"]]
-      [4.0, 1.44, 0.52, 0.19]
+      [4.0, 2.56, 1.64, 1.05]
     """
     if (loss_fn is None) == (query_score is None):
         raise ValueError("give exactly one of loss_fn (score the query batch) and query_score")

@@ -34,7 +34,7 @@ from jaxmeta.data import episodes, provenance
 from jaxmeta.distributed import check_meta_batch, machine_name, task_mesh
 from jaxmeta.evaluation import ci95, evaluate
 from jaxmeta.errors import CheckpointError, ConfigError, DataError, JaxmetaWarning
-from jaxmeta.io import read_jsonl, save_figure, write_json
+from jaxmeta.io import figure, pyplot, read_jsonl, save_figure, write_json
 from jaxmeta.models import (
     classification_loss,
     conv4_miniimagenet,
@@ -723,12 +723,10 @@ def episode(run_dir: str, support_dir: str, query_dir: str, *, inner_steps: int 
             "predictions": {path: class_names[int(p)] for path, p in zip(query_paths, predicted)}}
 
 
+@figure
 def plot_curve(history: list[dict], path: str, *, title: str = "") -> None:
     """Training (query, after adaptation) and validation accuracy against meta-steps."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     steps = [r["step"] for r in history]
@@ -749,6 +747,7 @@ def plot_curve(history: list[dict], path: str, *, title: str = "") -> None:
 
 
 
+@figure
 def plot_comparison(run_dirs: list[str], path: str) -> None:
     """Learning curves of several runs (e.g. the four algorithms) in one figure.
 
@@ -756,10 +755,7 @@ def plot_comparison(run_dirs: list[str], path: str) -> None:
     pre-training, which has no adaptation in its objective); right:
     validation accuracy on the fixed validation tasks.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for run_dir in run_dirs:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import tempfile
-from typing import Any
+import warnings
+from typing import Any, Callable
 
 import numpy as np
+
+from jaxmeta.errors import JaxmetaWarning, MissingExtraError, missing_extra
 
 
 def _default(obj: Any):
@@ -50,12 +54,43 @@ def atomic_write_text(path: str, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def pyplot():
+    """``matplotlib.pyplot`` on the file-only Agg backend (the ``plots`` extra), or a one-line error."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise missing_extra(e, "plots", "no figures drawn") from None
+    return plt
+
+
+_NOT_DRAWN: list[str] = []
+
+
+def figure(draw: Callable[..., Any]) -> Callable[..., Any]:
+    """Marks a function that draws and saves a figure: without matplotlib (the ``plots`` extra) it
+    warns (one ``warning:`` line) and draws nothing, so a run's numbers never wait on its figures."""
+
+    @functools.wraps(draw)
+    def drawn_if_possible(*args, **kwargs):
+        try:
+            return draw(*args, **kwargs)
+        except MissingExtraError as e:
+            if not _NOT_DRAWN:  # one line per process, however many figures
+                _NOT_DRAWN.append(str(e))
+                warnings.warn(str(e), JaxmetaWarning, stacklevel=2)
+            return None
+
+    return drawn_if_possible
+
+
 def save_figure(fig, path: str, *, dpi: int = 110) -> None:
     """Writes a matplotlib figure as PNG atomically, then closes it."""
     import io
 
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi)
     plt.close(fig)

@@ -34,9 +34,9 @@ from jaxmeta.algorithms.pretrain import pretrain
 from jaxmeta.algorithms.registry import make_learner
 from jaxmeta.data import provenance
 from jaxmeta.data import translation as tdata
-from jaxmeta.errors import CheckpointError, ConfigError, DataError, JaxmetaWarning
+from jaxmeta.errors import CheckpointError, ConfigError, DataError, JaxmetaWarning, missing_extra
 from jaxmeta.evaluation import evaluate
-from jaxmeta.io import atomic_write_text, read_jsonl, save_figure, write_json, write_jsonl
+from jaxmeta.io import atomic_write_text, figure, pyplot, read_jsonl, save_figure, write_json, write_jsonl
 from jaxmeta.models.transformer import (
     Transformer,
     TransformerConfig,
@@ -604,7 +604,10 @@ def _pad_to(array: np.ndarray, capacity: int) -> np.ndarray:
 
 def scores(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, float]:
     """Corpus-level sacreBLEU BLEU and chrF (default settings: 13a tokenisation, chrF β=2, n=6)."""
-    import sacrebleu
+    try:
+        import sacrebleu
+    except ImportError as e:
+        raise missing_extra(e, "translation", "BLEU and chrF scores") from None
 
     return {"bleu": sacrebleu.corpus_bleu(list(hypotheses), [list(references)]).score,
             "chrf": sacrebleu.corpus_chrf(list(hypotheses), [list(references)]).score}
@@ -964,12 +967,10 @@ def results_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+@figure
 def plot_scores(rows: Sequence[dict], path: str, metric: str = "tatoeba_chrf") -> None:
     """The seed's figure: score against training-set size, one panel per held-out language."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     stats = summarize(rows, metric)
     langs = sorted({k[0] for k in stats})

@@ -39,7 +39,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 SLOWEST_FIRST = ("test_translation.py", "test_omniglot_cli.py", "test_fault_tolerance.py",
-                 "test_miniimagenet_cli.py", "test_benchmark.py", "test_beyond_maml.py")
+                 "test_miniimagenet_cli.py", "test_packaging.py", "test_benchmark.py", "test_beyond_maml.py")
 """Modules with the longest fixtures and runs, longest first (measured with ``--durations``)."""
 
 

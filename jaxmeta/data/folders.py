@@ -13,10 +13,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
-from jaxmeta.errors import DataError
+from jaxmeta.errors import DataError, missing_extra
 from jaxmeta.types import Task
+
+try:
+    from PIL import Image, UnidentifiedImageError
+except ImportError as e:
+    raise missing_extra(e, "miniimagenet", "Reading images") from None
 
 __all__ = ["IMAGE_SUFFIXES", "load_folder_episode"]
 

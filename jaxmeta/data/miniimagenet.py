@@ -46,10 +46,14 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Literal, NamedTuple
 
 import numpy as np
-from PIL import Image
 
 from jaxmeta.data import provenance
-from jaxmeta.errors import DataError
+from jaxmeta.errors import DataError, missing_extra
+
+try:
+    from PIL import Image
+except ImportError as e:
+    raise missing_extra(e, "miniimagenet", "Mini-ImageNet") from None
 
 __all__ = [
     "CACHE_DIR_ENV",

@@ -64,13 +64,17 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-import tensorflow_datasets as tfds
-from etils import epath
-from PIL import Image
-from tensorflow_datasets.image_classification import omniglot as _tfds_omniglot
 
 from jaxmeta.data import provenance
-from jaxmeta.errors import ConfigError, DataError
+from jaxmeta.errors import ConfigError, DataError, missing_extra
+
+try:
+    import tensorflow_datasets as tfds
+    from etils import epath
+    from PIL import Image
+    from tensorflow_datasets.image_classification import omniglot as _tfds_omniglot
+except ImportError as e:
+    raise missing_extra(e, "omniglot", "Omniglot through TFDS") from None
 
 __all__ = [
     "ALPHABETS",
