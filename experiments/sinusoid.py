@@ -37,6 +37,7 @@ from jaxmeta.algorithms.registry import (
     ALGORITHMS,
     BASE_ALGORITHMS,
     make_learner,
+    spec,
 )
 from jaxmeta.checkpoint import config_identity
 from jaxmeta.cli import (
@@ -214,7 +215,7 @@ def tuned_lr(config: SinusoidConfig, algo: str, params, shots: int) -> float:
     ``pretrain_lr_grid`` by the MSE after the most inner steps on 200
     validation tasks that are disjoint from the test tasks.
     """
-    if algo != "pretrain":
+    if spec(algo).inner_loop:
         return algo_inner(config, algo)[1]
     _, x, y = sinusoid.test_pool(jax.random.PRNGKey(2_000 + config.seed), num_tasks=200,
                                  points=config.test_points)

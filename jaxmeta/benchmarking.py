@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmeta.algorithms.registry import ALGORITHMS, make_learner
+from jaxmeta.algorithms.registry import make_learner, spec
 from jaxmeta.distributed import device_description
 from jaxmeta.errors import ConfigError
 from jaxmeta.io import figure, pyplot, save_figure
@@ -51,7 +51,6 @@ TASKS = ("sinusoid", "omniglot", "translation")
 SWEEP_ALGOS = ("maml", "fomaml", "reptile", "pretrain")
 """The algorithms the sweep runs by default (any of the registry's can be named)."""
 
-REMAT_ALGOS = ("maml", "fomaml", "meta_sgd", "anil", "mamlpp")
 """Algorithms that differentiate through the inner loop, where ``remat`` changes the program."""
 
 RESULT_KEYS = (
@@ -101,8 +100,7 @@ class BenchConfig:
         """Raises :class:`ConfigError` (one line) for an impossible configuration."""
         if self.task not in TASKS:
             raise ConfigError(f"unknown task {self.task!r}; choose from {', '.join(TASKS)}")
-        if self.algo not in ALGORITHMS:
-            raise ConfigError(f"unknown algorithm {self.algo!r}; choose from {', '.join(ALGORITHMS)}")
+        spec(self.algo)  # an unknown name is one line
         for name in ("ways", "shots", "queries", "meta_batch", "inner_steps", "classes", "repeats",
                      "steps_per_dispatch", "dispatch_repeats"):
             if getattr(self, name) <= 0:
@@ -132,8 +130,8 @@ class BenchConfig:
 
     @property
     def effective_remat(self) -> bool:
-        """Whether remat changes the program (only MAML / first-order MAML differentiate the inner loop)."""
-        return self.remat and self.algo in REMAT_ALGOS
+        """Whether remat changes the program (only algorithms whose meta-gradient keeps the inner steps)."""
+        return self.remat and spec(self.algo).remat
 
     def label(self) -> str:
         """A short human-readable name."""
@@ -913,7 +911,7 @@ def sweep_configs(
     """The sweep's configurations: settings x algorithms x inner steps x remat.
 
     Grid points that compile to the same program are measured once: remat
-    only changes the algorithms of :data:`REMAT_ALGOS`, and pre-training has no inner
+    only changes the algorithms whose spec says so (``AlgorithmSpec.remat``), and pre-training has no inner
     loop (one point per setting, at the smallest inner-step count).  With
     ``quick``, inner steps are limited to (1, 5) and fewer steps are timed.
     """
@@ -925,8 +923,8 @@ def sweep_configs(
     configs = []
     for setting in settings:
         for algo in algos:
-            steps_list = inner_steps[:1] if algo == "pretrain" else inner_steps
-            remats = (False, True) if algo in REMAT_ALGOS else (False,)
+            steps_list = inner_steps if spec(algo).inner_loop else inner_steps[:1]
+            remats = (False, True) if spec(algo).remat else (False,)
             for steps in steps_list:
                 for remat in remats:
                     configs.append(BenchConfig(**{**SWEEP_SETTINGS[setting], "algo": algo, "inner_steps": steps,
@@ -973,8 +971,8 @@ def format_table(results: list[dict]) -> str:
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
         c = r["config"]
-        remat = ("on" if c["remat"] else "off") if c["algo"] in REMAT_ALGOS else "n/a"
-        steps = "-" if c["algo"] == "pretrain" else str(c["inner_steps"])
+        remat = ("on" if c["remat"] else "off") if spec(c["algo"]).remat else "n/a"
+        steps = str(c["inner_steps"]) if spec(c["algo"]).inner_loop else "-"
         lines.append(
             f"| {setting_name(c)} | {c['algo']} | {steps} | {remat} | {r['ms_per_step']:.4g} "
             f"| {r['ms_per_step_spread']['iqr']:.2g} | {r['timing']['one_per_dispatch']['median']:.4g} "
@@ -991,7 +989,7 @@ def _series(results: list[dict], setting: str):
         c = r["config"]
         if setting_name(c) != setting:
             continue
-        out.setdefault((c["algo"], bool(c["remat"]) and c["algo"] in REMAT_ALGOS), []).append(r)
+        out.setdefault((c["algo"], bool(c["remat"]) and spec(c["algo"]).remat), []).append(r)
     return {k: sorted(v, key=lambda r: r["config"]["inner_steps"]) for k, v in out.items()}
 
 
@@ -1012,7 +1010,7 @@ def plot_vs_steps(results: list[dict], path: str, *, metric: str) -> None:
 
     settings = list(dict.fromkeys(setting_name(r["config"]) for r in results))
     fig, axes = plt.subplots(1, max(len(settings), 1), figsize=(5.2 * max(len(settings), 1), 4.2), squeeze=False)
-    all_steps = sorted({r["config"]["inner_steps"] for r in results if r["config"]["algo"] != "pretrain"}) or [1]
+    all_steps = sorted({r["config"]["inner_steps"] for r in results if spec(r["config"]["algo"]).inner_loop}) or [1]
     for ax, setting in zip(axes[0], settings):
         for (algo, remat), rows in sorted(_series(results, setting).items()):
             color, name = _STYLE.get(algo, ("black", algo))
@@ -1021,7 +1019,7 @@ def plot_vs_steps(results: list[dict], path: str, *, metric: str) -> None:
             else:
                 ys = [(r["memory"].get("step_bytes") or r["peak_bytes"] or 0) / 2**20 for r in rows]
             label = name + (" + remat" if remat else "")
-            if algo == "pretrain":
+            if not spec(algo).inner_loop:
                 ax.axhline(ys[0], color=color, linestyle=":", label=label)
                 continue
             xs = [r["config"]["inner_steps"] for r in rows]
@@ -1050,7 +1048,7 @@ def check_targets(results: list[dict], torch: dict | None = None) -> list[dict]:
         for r in results:
             c = r["config"]
             if (setting_name(c).startswith(setting_prefix) and c["algo"] == algo
-                    and (algo == "pretrain" or c["inner_steps"] == steps)
+                    and (not spec(algo).inner_loop or c["inner_steps"] == steps)
                     and bool(c["remat"]) == remat and c.get("chunk_size") is None):
                 return r
         return None

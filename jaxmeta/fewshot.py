@@ -29,7 +29,7 @@ import numpy as np
 import optax
 
 from jaxmeta import checkpoint as ckpt
-from jaxmeta.algorithms.registry import ALGORITHMS, make_learner
+from jaxmeta.algorithms.registry import check_protocol, make_learner, spec
 from jaxmeta.data import episodes, provenance
 from jaxmeta.distributed import check_meta_batch, machine_name, task_mesh
 from jaxmeta.evaluation import ci95, evaluate
@@ -209,8 +209,7 @@ class FewShotConfig:
         """Checks everything that needs no data; raises :class:`ConfigError`."""
         if self.dataset not in DATASETS:
             raise ConfigError(f"unknown dataset {self.dataset!r}; choose from {', '.join(DATASETS)}")
-        if self.algo not in ALGORITHMS:
-            raise ConfigError(f"unknown algorithm {self.algo!r}; choose from {', '.join(ALGORITHMS)}")
+        spec(self.algo)  # an unknown name is one line
         for name in ("ways", "shots", "queries", "meta_batch", "inner_steps", "meta_steps",
                      "test_tasks", "val_tasks", "log_every", "val_every", "checkpoint_every", "max_bad_steps",
                      "imaml_cg_steps"):
@@ -246,13 +245,10 @@ class FewShotConfig:
                               f"{', '.join(INNER_OPTIMIZERS)}")
         if not 0 <= self.inner_beta1 < 1:
             raise ConfigError(f"inner-beta1 must be in [0, 1), got {self.inner_beta1}")
-        reptile_only = [name for name, on in (("inner-batch", self.inner_batch is not None),
-                                              ("test-inner-batch", self.test_inner_batch is not None),
-                                              ("persistent-inner-state", self.persistent_inner_state),
-                                              ("inner-optimizer adam", self.inner_optimizer != "sgd"))
-                        if on]
-        if reptile_only and self.algo != "reptile":
-            raise ConfigError(f"{', '.join(reptile_only)}: Reptile's protocol (--algo reptile), not {self.algo}'s")
+        check_protocol(self.algo, {"inner_batch": self.inner_batch is not None,
+                                   "test_inner_batch": self.test_inner_batch is not None,
+                                   "persistent_inner_state": self.persistent_inner_state,
+                                   "inner_optimizer": self.inner_optimizer != "sgd", "per_step_bn": self.per_step_bn})
         if self.persistent_inner_state and self.inner_optimizer == "sgd":
             raise ConfigError("persistent-inner-state carries the inner optimizer's state: use --inner-optimizer adam")
         if self.inner_batch is not None and self.inner_batch > self.ways * self.support_shots:
@@ -261,8 +257,6 @@ class FewShotConfig:
         if self.test_inner_batch is not None and self.test_inner_batch > self.ways * self.shots:
             raise ConfigError(f"test-inner-batch {self.test_inner_batch} exceeds the test support set "
                               f"({self.ways} x {self.shots} examples)")
-        if self.per_step_bn and self.algo != "mamlpp":
-            raise ConfigError(f"per-step-bn is a MAML++ switch (--algo mamlpp); {self.algo} has no per-step batch norm")
 
     def validate_data(self, train: np.ndarray, test: np.ndarray) -> None:
         """Checks the episodes against the data: ways ≤ classes, K + Q ≤ examples per class."""
@@ -310,9 +304,10 @@ def reptile_protocol(*, inner_batch: int, inner_steps: int, inner_lr: float, tra
 
 
 def algo_defaults(config: FewShotConfig, explicit: set[str]) -> FewShotConfig:
-    """Reptile needs several inner steps (with one it is joint training): 5 unless given."""
-    if config.algo == "reptile" and "inner_steps" not in explicit and config.inner_steps < 5:
-        config = dataclasses.replace(config, inner_steps=5, test_inner_steps=max(config.test_inner_steps, 5))
+    """At least the algorithm's fewest inner steps unless given (Reptile needs 5: with one it is joint training)."""
+    fewest = spec(config.algo).min_inner_steps
+    if "inner_steps" not in explicit and config.inner_steps < fewest:
+        config = dataclasses.replace(config, inner_steps=fewest, test_inner_steps=max(config.test_inner_steps, fewest))
     return config
 
 

@@ -15,6 +15,7 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 
+from jaxmeta.algorithms.registry import ALGORITHM_SPECS
 from jaxmeta.errors import ConfigError
 from jaxmeta.io import write_json
 
@@ -27,8 +28,10 @@ RECORD_FIELDS = ("dataset", "algorithm", "ways", "shots", "eval_mode", "ensemble
                  "machine", "commit", "data")
 """The fields every record holds (``note`` and ``member_steps`` are optional)."""
 
-ALGO_NAMES = {"maml": "MAML", "fomaml": "first-order MAML", "reptile": "Reptile", "pretrain": "pre-training",
-              "meta_sgd": "Meta-SGD", "anil": "ANIL", "mamlpp": "MAML++", "imaml": "iMAML"}
+
+
+def _title(algo: str) -> str:
+    return ALGORITHM_SPECS[algo].title if algo in ALGORITHM_SPECS else algo
 
 
 def make_record(config, evaluation: Mapping, training: Mapping, *, preset: str, data: Mapping | None,
@@ -129,7 +132,7 @@ def results_table(records: Sequence[Mapping], paper: PaperResults | None = None)
       ['| setting', 'algorithm', 'test accuracy', 'evaluation']
     """
     paper = paper or {}
-    order = list(ALGO_NAMES)
+    order = list(ALGORITHM_SPECS)
     rows = sorted(records, key=lambda r: (
         r["ways"], r["shots"], order.index(r["algorithm"]) if r["algorithm"] in order else len(order),
         r["preset"] != "cpu", r["preset"], r["eval_mode"] != "transductive", r["ensemble"]))
@@ -148,7 +151,7 @@ def results_table(records: Sequence[Mapping], paper: PaperResults | None = None)
             accuracy += f" [{notes.index(r['note']) + 1}]"
         speed = "—" if r["ms_per_meta_step"] is None else f"{r['ms_per_meta_step']:.0f}"
         lines.append(
-            f"| {r['ways']}-way {r['shots']}-shot | {ALGO_NAMES.get(r['algorithm'], r['algorithm'])} | {accuracy} "
+            f"| {r['ways']}-way {r['shots']}-shot | {_title(r['algorithm'])} | {accuracy} "
             f"| {mode} | {_budget(r)} | `{r['preset']}` | {_duration(r['wall_s'])} | {speed} "
             f"| {r['machine'] or '—'} | {ref.get(r['eval_mode'], '—')} |")
     lines += [""] + [f"[{i}] {note}" for i, note in enumerate(notes, 1)] if notes else []

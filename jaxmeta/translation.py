@@ -31,7 +31,7 @@ import optax
 from jaxmeta import checkpoint as ckpt
 from jaxmeta import tokens
 from jaxmeta.algorithms.pretrain import pretrain
-from jaxmeta.algorithms.registry import make_learner
+from jaxmeta.algorithms.registry import make_learner, spec
 from jaxmeta.data import provenance
 from jaxmeta.data import translation as tdata
 from jaxmeta.errors import CheckpointError, ConfigError, DataError, JaxmetaWarning, missing_extra
@@ -50,6 +50,13 @@ from jaxmeta.types import Task
 META_ALGORITHMS = ("fomaml", "reptile", "maml", "pretrain", "scratch")
 METHOD_NAMES = {"fomaml": "MetaNMT (FOMAML)", "reptile": "MetaNMT (Reptile)", "maml": "MetaNMT (MAML)",
                 "pretrain": "MultiNMT", "scratch": "scratch"}
+SCRATCH = "scratch"
+"""The method that trains nothing: the random initialisation, fine-tuned like the others."""
+
+
+def registered(method: str) -> str:
+    """The registered algorithm a method's checkpoint belongs to (scratch is pre-training after 0 steps)."""
+    return "pretrain" if method == SCRATCH else method
 CONFIG_FILE = "config.json"
 SUMMARY_FILE = "summary.json"
 RESULTS_FILE = "results.jsonl"
@@ -249,8 +256,8 @@ def build(config: TranslationConfig):
 
 def learner(config: TranslationConfig, loss_fn):
     """The meta-learner of ``config.algo`` (MAML variants and Reptile adapt with Adam)."""
-    inner = None if config.algo == "pretrain" else optax.adam(config.inner_lr,
-                                                              eps_root=1e-8 if config.algo == "maml" else 0.0)
+    algo = spec(config.algo)  # a differentiated Adam needs eps_root > 0 (its sqrt has no derivative at 0)
+    inner = optax.adam(config.inner_lr, eps_root=1e-8 if algo.second_order else 0.0) if algo.inner_loop else None
     return make_learner(config.algo, loss_fn, inner_steps=config.inner_steps, inner_lr=config.inner_lr,
                         outer_lr=config.outer_lr, meta_steps=max(config.meta_steps, 1), has_aux=True,
                         reptile_epsilon=config.reptile_epsilon, inner_optimizer=inner)
@@ -342,7 +349,7 @@ def meta_train(config: TranslationConfig, run_dir: str, *, resume: bool = False,
     params = init_params(model, jax.random.PRNGKey(config.seed))
     os.makedirs(run_dir, exist_ok=True)
     write_json(existing, {**dataclasses.asdict(config), "data": tdata.corpus_identity(config.data_dir, codes)})
-    meta_steps = 0 if config.algo == "scratch" else config.meta_steps
+    meta_steps = 0 if config.algo == SCRATCH else config.meta_steps
     data = jax.device_put(tdata.language_arrays([corpus.train(c) for c in config.meta_langs], config.max_len))
     _check_task_sizes(config, data["count"], config.meta_langs)
     val = validation_tasks(config, corpus)
@@ -354,7 +361,7 @@ def meta_train(config: TranslationConfig, run_dir: str, *, resume: bool = False,
         return {"loss_before": result.mean["loss"][0], "loss": result.mean["loss"][-1],
                 "accuracy": result.mean["accuracy"][-1]}
 
-    algo = "pretrain" if config.algo == "scratch" else config.algo
+    algo = registered(config.algo)
     meta_learner = learner(dataclasses.replace(config, algo=algo), loss_fn)
     sampler = tdata.language_task_sampler(config.meta_batch, config.support, config.query)
     if meta_steps == 0:
@@ -403,7 +410,7 @@ def selection_metric(algo: str) -> str:
     and ``evaluate --checkpoint-selection finetuned`` chooses every method's
     by the fine-tuned validation loss (:func:`select_by_finetuning`).
     """
-    return "val/loss_before" if algo in ("pretrain", "scratch") else "val/loss"
+    return "val/loss" if spec(registered(algo)).inner_loop else "val/loss_before"
 
 
 def best_validation(rows: Sequence[dict], algo: str) -> dict:
@@ -487,7 +494,7 @@ def load_initialisation(run: str, *, note: bool = True):
                                   f"(it has {', '.join(map(str, steps)) or 'none'})")
     model, loss_fn = build(config)
     params = init_params(model, jax.random.PRNGKey(0))
-    algo = "pretrain" if config.algo == "scratch" else config.algo
+    algo = registered(config.algo)
     abstract = jax.eval_shape(lambda: init_train_state(learner(dataclasses.replace(config, algo=algo), loss_fn),
                                                        params, jax.random.PRNGKey(0)))
     _, state = ckpt.restore(run_dir, abstract, config.identity(), step=step)

@@ -6,13 +6,15 @@ import jax
 import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from jaxmeta import evaluate
+from jaxmeta.errors import ConfigError
 from jaxmeta.algorithms.anil import flax_anil_fns
 from jaxmeta.algorithms.mamlpp import mamlpp_params
 from jaxmeta.algorithms.meta_sgd import meta_sgd_params
-from jaxmeta.algorithms.registry import ALGORITHMS, make_learner
+from jaxmeta.algorithms.registry import ALGORITHMS, make_learner, spec
 from jaxmeta.data import sinusoid
 from jaxmeta.models import MLP, regression_loss
 
@@ -93,3 +95,27 @@ def test_evaluate_needs_exactly_one_scorer():
     params = MODEL.init(jax.random.PRNGKey(0), jnp.zeros((1, 1)))["params"]
     with pytest.raises(ValueError, match="exactly one"):
         evaluate(learner, params, tasks, steps=1)
+
+
+@pytest.mark.parametrize("algo", ALGORITHMS)
+def test_each_algorithm_s_spec_is_what_its_learner_does(algo):
+    """The registry's answers, which the pipelines ask instead of testing names, are the learners' behaviour."""
+    tasks = sinusoid.sample_tasks(jax.random.PRNGKey(1), batch_size=2, shots=5, queries=5)
+    params = MODEL.init(jax.random.PRNGKey(0), jnp.zeros((1, 1)))["params"]
+
+    def step_program(**changes):
+        learner = make_learner(algo, LOSS, **{"inner_steps": 2, "inner_lr": LR, "outer_lr": 1e-3, "meta_steps": 10,
+                                              "model": MODEL, "make_loss": regression_loss, "anil_head": HEAD,
+                                              **changes})
+        return str(jax.make_jaxpr(learner.step)(learner.init(params), tasks))
+
+    plain = step_program()
+    assert (step_program(inner_steps=3) != plain) == spec(algo).inner_loop  # pre-training trains without one
+    assert (step_program(remat=True) != plain) == spec(algo).remat
+    if spec(algo).inner_optimizer:
+        assert step_program(inner_optimizer=optax.adam(LR, eps_root=1e-8)) != plain
+    else:
+        with pytest.raises(ConfigError, match="an inner optimizer applies to"):
+            step_program(inner_optimizer=optax.adam(LR))
+    with pytest.raises(ConfigError, match="unknown algorithm"):
+        spec(algo.upper())

@@ -126,7 +126,7 @@ def test_bad_input_is_one_clear_line(tmp_path, env, quick_run, omniglot_dir, cor
         (["train", "--algo", "maml3", "--out", out], env, "--algo"),
         (["train", "--algo", "imaml", "--imaml-cg-steps", "0", "--out", out], env, "--imaml-cg-steps"),
         (["train", "--algo", "imaml", "--imaml-cg-damping", "-1", "--out", out], env, "--imaml-cg-damping"),
-        (["train", "--per-step-bn", "--out", out], env, "per-step-bn is a MAML++ switch"),
+        (["train", "--per-step-bn", "--out", out], env, "per-step-bn: MAML++'s protocol (--algo mamlpp), not maml's"),
         (["train", "--out", "/etc/passwd/run"], env, "cannot create output directory"),
         (["train", "--data-dir", str(tmp_path / "nowhere"), "--cache-dir", fresh_cache, "--out", out], env,
          "nowhere"),

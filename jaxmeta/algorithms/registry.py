@@ -1,7 +1,13 @@
-"""Meta-learners by name, so every experiment builds them the same way."""
+"""Meta-learners by name, so every experiment builds them the same way.
+
+:data:`ALGORITHM_SPECS` says what a pipeline may need to know about an
+algorithm (its title, whether it has an inner loop, which switches are its
+own), so that no pipeline tests an algorithm's name.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import flax.linen as nn
@@ -18,10 +24,65 @@ from jaxmeta.algorithms.reptile import reptile
 from jaxmeta.errors import ConfigError
 from jaxmeta.inner import LossFn
 
-BASE_ALGORITHMS = ("maml", "fomaml", "reptile", "pretrain")
-ALGORITHMS = BASE_ALGORITHMS + ("meta_sgd", "anil", "mamlpp", "imaml")
-INNER_OPTIMIZER_ALGORITHMS = ("maml", "fomaml", "reptile", "imaml")
-"""The algorithms whose inner SGD ``make_learner(inner_optimizer=...)`` can replace."""
+
+
+@dataclasses.dataclass(frozen=True)
+class AlgorithmSpec:
+    """What a pipeline may ask about a registered algorithm instead of testing its name."""
+
+    title: str
+    """How tables and messages name it ("first-order MAML")."""
+    inner_loop: bool = True
+    """``False`` for pre-training: it trains the current parameters on all tasks and adapts only at test."""
+    second_order: bool = False
+    """Its meta-gradient differentiates through the inner loop (a differentiated inner Adam needs ``eps_root``)."""
+    remat: bool = False
+    """``make_learner(remat=True)`` changes it: its meta-gradient keeps every inner step's activations."""
+    inner_optimizer: bool = False
+    """``make_learner(inner_optimizer=...)`` may replace its inner SGD."""
+    protocol: tuple[str, ...] = ()
+    """Configuration switches of its own paper's protocol, which the pipelines offer no other algorithm."""
+    min_inner_steps: int = 1
+    """Fewer training inner steps make it another algorithm (Reptile with one step is joint training)."""
+
+
+ALGORITHM_SPECS = {
+    "maml": AlgorithmSpec("MAML", second_order=True, remat=True, inner_optimizer=True),
+    "fomaml": AlgorithmSpec("first-order MAML", remat=True, inner_optimizer=True),
+    "reptile": AlgorithmSpec("Reptile", inner_optimizer=True, min_inner_steps=5,
+                             protocol=("inner_batch", "test_inner_batch", "persistent_inner_state", "inner_optimizer")),
+    "pretrain": AlgorithmSpec("pre-training", inner_loop=False),
+    "meta_sgd": AlgorithmSpec("Meta-SGD", second_order=True, remat=True),
+    "anil": AlgorithmSpec("ANIL", second_order=True, remat=True),
+    "mamlpp": AlgorithmSpec("MAML++", second_order=True, remat=True, protocol=("per_step_bn",)),
+    "imaml": AlgorithmSpec("iMAML", inner_optimizer=True),
+}
+"""Every algorithm :func:`make_learner` builds, in the order tables list them."""
+
+ALGORITHMS = tuple(ALGORITHM_SPECS)
+BASE_ALGORITHMS = ALGORITHMS[:4]
+"""The seed's four: MAML, first-order MAML, Reptile and pre-training."""
+
+
+def spec(algo: str) -> AlgorithmSpec:
+    """The :class:`AlgorithmSpec` of ``algo``; an unknown name is a :class:`ConfigError` listing the known ones."""
+    if algo not in ALGORITHM_SPECS:
+        raise ConfigError(f"unknown algorithm {algo!r}; choose from {', '.join(ALGORITHMS)}")
+    return ALGORITHM_SPECS[algo]
+
+
+def check_protocol(algo: str, switches: dict[str, bool]) -> None:
+    """Refuses, in one line, switches that belong to another algorithm's protocol.
+
+    ``switches`` maps a configuration field to whether it is set (the message
+    spells it as a flag, ``inner_batch`` as ``inner-batch``).
+    """
+    theirs = [name for name, on in switches.items() if on and name not in spec(algo).protocol]
+    for owner, owner_spec in ALGORITHM_SPECS.items():
+        mine = [name for name in theirs if name in owner_spec.protocol]
+        if mine:
+            flags = ", ".join(name.replace("_", "-") for name in mine)
+            raise ConfigError(f"{flags}: {owner_spec.title}'s protocol (--algo {owner}), not {algo}'s")
 
 
 def make_learner(
@@ -76,11 +137,12 @@ def make_learner(
         algorithm whose inner loop is SGD by definition (Meta-SGD, ANIL,
         MAML++: learned or head-only SGD rates) or that has none (pre-training).
     """
-    if inner_optimizer is not None and algo not in INNER_OPTIMIZER_ALGORITHMS:
-        raise ConfigError(f"an inner optimizer applies to {', '.join(INNER_OPTIMIZER_ALGORITHMS)}, not {algo}")
-    if (inner_batch_size is not None or test_inner_batch_size is not None or persistent_inner_state) \
-            and algo != "reptile":
-        raise ConfigError(f"inner mini-batches and a persistent inner state are Reptile's protocol, not {algo}'s")
+    if inner_optimizer is not None and not spec(algo).inner_optimizer:
+        takers = [name for name, s in ALGORITHM_SPECS.items() if s.inner_optimizer]
+        raise ConfigError(f"an inner optimizer applies to {', '.join(takers)}, not {algo}")
+    check_protocol(algo, {"inner_batch": inner_batch_size is not None,
+                          "test_inner_batch": test_inner_batch_size is not None,
+                          "persistent_inner_state": persistent_inner_state, "per_step_bn": mamlpp_per_step_bn})
     if persistent_inner_state and inner_optimizer is None:
         raise ConfigError("a persistent inner state needs an inner optimizer (Reptile's reference: Adam)")
     if algo in ("maml", "fomaml"):
