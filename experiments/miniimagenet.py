@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from jaxmeta import fewshot_cli
+from experiments.fewshot import cli as fewshot_cli
+from experiments.fewshot.pipeline import reptile_protocol
 from jaxmeta.cli import run
-from jaxmeta.fewshot import reptile_protocol
 
 PRESETS = ("paper", "cpu", "quick")
 
@@ -28,7 +28,7 @@ def preset(name: str, ways: int, shots: int, algo: str = "maml") -> dict:
     (openai/supervised-reptile's Mini-ImageNet commands): inner mini-batches
     of 10 from 15 shots per class, 8 inner iterations at 0.001, 100,000
     meta-iterations, test mini-batches of 5 (1-shot) or 15 (5-shot); see
-    :func:`~jaxmeta.fewshot.reptile_protocol`.  The others follow the MAML paper's setting: meta-batch 4, five inner steps in
+    :func:`~experiments.fewshot.pipeline.reptile_protocol`.  The others follow the MAML paper's setting: meta-batch 4, five inner steps in
     training and ten at test time, 15 query images per class, 60,000
     meta-iterations, Conv4 with 32 filters and max-pooling. The reference
     step size 0.01 was applied to a loss summed over the ``ways × shots``

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from jaxmeta import fewshot_cli
+from experiments.fewshot import cli as fewshot_cli
+from experiments.fewshot.pipeline import reptile_protocol
 from jaxmeta.cli import run
-from jaxmeta.fewshot import reptile_protocol
 
 PRESETS = ("paper", "cpu", "quick")
 
@@ -24,7 +24,7 @@ def preset(name: str, ways: int, shots: int, algo: str = "maml") -> dict:
 
     ``paper`` is the protocol of the algorithm's own paper.  For Reptile it is
     the Reptile paper's (openai/supervised-reptile's Omniglot commands,
-    :func:`~jaxmeta.fewshot.reptile_protocol`): 5-way, inner mini-batches of
+    :func:`~experiments.fewshot.pipeline.reptile_protocol`): 5-way, inner mini-batches of
     10 from 10 shots per class, 5 inner iterations at 0.001, 100,000
     meta-iterations, test mini-batches of 5; 20-way, mini-batches of 20, 10
     iterations at 0.0005, 200,000 meta-iterations, test mini-batches of 10.

@@ -149,7 +149,7 @@ def env(omniglot_dir, jaxmeta_cache_dir, omniglot_characters):
 
 def assert_same_run(a, b):
     """Two run directories hold the same metrics, evaluation and final parameters (step 30)."""
-    from jaxmeta import fewshot
+    from experiments.fewshot import pipeline as fewshot
 
     assert (a / "metrics.jsonl").read_text() == (b / "metrics.jsonl").read_text()
     ea, eb = json.loads((a / "eval.json").read_text()), json.loads((b / "eval.json").read_text())

@@ -10,12 +10,12 @@ import optax
 import pytest
 
 from jaxmeta import evaluate
-from jaxmeta.errors import ConfigError
 from jaxmeta.algorithms.anil import flax_anil_fns
 from jaxmeta.algorithms.mamlpp import mamlpp_params
 from jaxmeta.algorithms.meta_sgd import meta_sgd_params
 from jaxmeta.algorithms.registry import ALGORITHMS, make_learner, spec
 from jaxmeta.data import sinusoid
+from jaxmeta.errors import ConfigError
 from jaxmeta.models import MLP, regression_loss
 
 MODEL = MLP(features=(16, 16))

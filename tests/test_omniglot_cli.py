@@ -222,7 +222,7 @@ def test_compare_figure_of_runs(tmp_path, quick_run, capsys):
 
 
 def test_identity_of_later_fields_is_compatible_with_earlier_checkpoints():
-    from jaxmeta.fewshot import FewShotConfig
+    from experiments.fewshot.pipeline import FewShotConfig
 
     # A checkpoint written before iMAML's and MAML++'s switches existed stored none of them: at their
     # defaults they stay out of the identity, so such a run still resumes and evaluates.
@@ -236,7 +236,8 @@ def test_identity_of_later_fields_is_compatible_with_earlier_checkpoints():
 def test_checkpoint_ensemble_records_and_the_results_table(tmp_path, quick_run, env, capsys, monkeypatch):
     """evaluate --ensemble K (the K best checkpoints by validation); each evaluation writes a result record,
     and table builds the results table from the records alone."""
-    from jaxmeta import fewshot, fewshot_table
+    from experiments.fewshot import pipeline as fewshot
+    from experiments.fewshot import records as fewshot_table
 
     run = tmp_path / "run"
     shutil.copytree(quick_run[0], run)
@@ -313,7 +314,7 @@ def test_checkpoint_ensemble_records_and_the_results_table(tmp_path, quick_run, 
 
 
 def test_keep_best_is_a_train_flag_outside_the_run_identity():
-    from jaxmeta import fewshot_cli
+    from experiments.fewshot import cli as fewshot_cli
 
     parser = fewshot_cli.build_parser("omniglot", omniglot.PRESETS, "JAXMETA_OMNIGLOT_DIR")
     args = parser.parse_args(["train", "--preset", "paper", "--algo", "reptile", "--keep-best", "5", "--out", "x"])

@@ -24,8 +24,8 @@ def test_readme_api_example_runs_and_learns():
 
 def test_the_omniglot_table_is_generated_from_the_committed_records():
     """docs/results/omniglot.md and the README's Omniglot table are `table --results results/omniglot`'s output."""
+    from experiments.fewshot.records import read_records, results_table
     from experiments.omniglot import PAPER_RESULTS
-    from jaxmeta.fewshot_table import read_records, results_table
 
     records = read_records(str(REPO_ROOT / "results" / "omniglot"))
     assert records, "no committed Omniglot result record"

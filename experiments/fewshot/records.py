@@ -39,7 +39,7 @@ def make_record(config, evaluation: Mapping, training: Mapping, *, preset: str, 
     """One result record.
 
     Args:
-      config: the run's :class:`~jaxmeta.fewshot.FewShotConfig`.
+      config: the run's :class:`~experiments.fewshot.pipeline.FewShotConfig`.
       evaluation: what ``evaluate`` measured (``accuracy``, ``ci95``, ``tasks``,
         ``inner_steps``, ``eval_mode``, ``meta_steps``, and for an ensemble
         ``ensemble`` and ``member_steps``).

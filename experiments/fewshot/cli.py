@@ -7,7 +7,8 @@ import json
 import os
 from typing import Callable, Sequence
 
-from jaxmeta import fewshot
+from experiments.fewshot import pipeline as fewshot
+from experiments.fewshot.records import PaperResults, make_record, read_records, results_table, write_record
 from jaxmeta.algorithms.registry import ALGORITHMS
 from jaxmeta.cli import (
     ArgumentParser,
@@ -19,12 +20,11 @@ from jaxmeta.cli import (
 )
 from jaxmeta.distributed import initialize as initialize_distributed
 from jaxmeta.errors import ConfigError
-from jaxmeta.fewshot_table import PaperResults, make_record, read_records, results_table, write_record
 from jaxmeta.io import atomic_write_text
 from jaxmeta.models.conv4 import CONV_IMPLS
 
 PresetFn = Callable[[str, int, int, str], dict]
-"""``preset(name, ways, shots, algo) -> field overrides`` of :class:`~jaxmeta.fewshot.FewShotConfig`."""
+"""``preset(name, ways, shots, algo) -> field overrides`` of :class:`~experiments.fewshot.pipeline.FewShotConfig`."""
 
 # CLI flag → FewShotConfig field, for the flags that override a preset.
 OVERRIDES = ("meta_steps", "meta_batch", "queries", "inner_steps", "inner_lr", "test_inner_steps", "outer_lr",
