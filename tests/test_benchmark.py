@@ -1,4 +1,4 @@
-"""The benchmark launcher and its library (:mod:`jaxmeta.benchmarking`)."""
+"""The benchmark launcher, its pipeline (:mod:`experiments.benchmark.pipeline`) and :mod:`jaxmeta.profiling`."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from jaxmeta import benchmarking as bm
+from experiments.benchmark import pipeline as bm
+from jaxmeta import profiling
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -147,7 +148,7 @@ def test_count_flops_multiplies_scans():
     def f(a, b):
         return jax.lax.scan(lambda c, _: (c + (a @ b).sum(), None), 0.0, None, length=5)[0]
 
-    flops = bm.count_flops(jax.make_jaxpr(f)(a, b))
+    flops = profiling.count_flops(jax.make_jaxpr(f)(a, b))
     assert flops["matmul"] == 5 * 2 * 8 * 16 * 4
     assert flops["total"] > flops["matmul"]
 
@@ -161,11 +162,11 @@ def test_matmul_ceiling_finds_every_product_of_a_vmapped_scan():
         return jax.lax.scan(body, 0.0, None, length=5)[0] + (a[0] @ b[0]).sum()
 
     jaxpr = jax.make_jaxpr(f)(a, b)
-    shapes = bm.matmul_shapes(jaxpr)
+    shapes = profiling.matmul_shapes(jaxpr)
     assert sorted(count for count in shapes.values()) == [1.0, 5.0]
-    assert sum(bm._dot_flops(k) * c for k, c in shapes.items()) == bm.count_flops(jaxpr)["matmul"]
-    ceiling = bm.matmul_ceiling(jaxpr, repeats=2)
-    assert ceiling["matmul_flops"] == bm.count_flops(jaxpr)["matmul"]
+    assert sum(profiling._dot_flops(k) * c for k, c in shapes.items()) == profiling.count_flops(jaxpr)["matmul"]
+    ceiling = profiling.matmul_ceiling(jaxpr, repeats=2)
+    assert ceiling["matmul_flops"] == profiling.count_flops(jaxpr)["matmul"]
     assert ceiling["gflops_per_s"] > 0 and ceiling["seconds"] > 0
     assert sum(r["time_share"] for r in ceiling["shapes"]) == pytest.approx(1.0)
     assert ceiling["shapes"][0]["lhs"] in ([3, 8, 16], [8, 16])
@@ -176,7 +177,7 @@ def test_count_flops_convolution():
     k = jnp.ones((3, 3, 3, 5))
     conv = lambda x, k: jax.lax.conv_general_dilated(
         x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    flops = bm.count_flops(jax.make_jaxpr(conv)(x, k))
+    flops = profiling.count_flops(jax.make_jaxpr(conv)(x, k))
     assert flops["matmul"] == 2 * (2 * 8 * 8 * 5) * (3 * 3 * 3)
 
 
@@ -194,8 +195,8 @@ def test_sweep_grid_dedupes_identical_programs():
 
 def _fake_result(algo, steps, remat, ms, mem, task="omniglot"):
     config = bm.BenchConfig(task=task, algo=algo, inner_steps=steps, remat=remat)
-    single = bm.spread([ms, ms * 1.1, ms * 0.9])
-    many = {**bm.spread([ms * 0.95]), "steps_per_dispatch": 5}
+    single = profiling.spread([ms, ms * 1.1, ms * 0.9])
+    many = {**profiling.spread([ms * 0.95]), "steps_per_dispatch": 5}
     return {
         "ms_per_step": many["median"], "ms_per_step_spread": many, "compile_s": 5.0, "peak_bytes": mem + 100,
         "flops_per_step": 1e9, "gflops_per_s": 10.0, "matmul_peak_gflops": 100.0, "fraction_of_peak": 0.1,

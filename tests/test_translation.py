@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import REPO_ROOT, assert_one_line_error, run_in_process
 
-from jaxmeta import translation as tr
+from experiments.translation import pipeline as tr
 from jaxmeta import tokens
 from jaxmeta.data import translation as tdata
 from jaxmeta.models.transformer import (

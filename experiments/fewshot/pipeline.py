@@ -32,8 +32,8 @@ from jaxmeta import checkpoint as ckpt
 from jaxmeta.algorithms.registry import check_protocol, make_learner, spec
 from jaxmeta.data import episodes, provenance
 from jaxmeta.distributed import check_meta_batch, machine_name, task_mesh
-from jaxmeta.evaluation import ci95, evaluate
 from jaxmeta.errors import CheckpointError, ConfigError, DataError, JaxmetaWarning
+from jaxmeta.evaluation import ci95, evaluate
 from jaxmeta.io import figure, pyplot, read_jsonl, save_figure, write_json
 from jaxmeta.models import (
     classification_loss,

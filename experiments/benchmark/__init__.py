@@ -30,7 +30,7 @@ second one for the rest) into one report, keeping each configuration's first
 measurement.
 
 ``--setting NAME`` picks a paper's training step (see
-:data:`jaxmeta.benchmarking.PROTOCOLS`); ``--profile`` times every op of the
+:data:`experiments.benchmark.pipeline.PROTOCOLS`); ``--profile`` times every op of the
 compiled step.  ``--torch`` (needs PyTorch) compares the setting's exact
 second-order MAML step with PyTorch's, each contestant alone in its own
 process (:mod:`experiments.contestant`), alternated, after checking the
@@ -44,11 +44,11 @@ import sys
 import time
 from collections.abc import Sequence
 
+from jaxmeta import profiling
 from jaxmeta.algorithms.registry import ALGORITHMS
-from jaxmeta.cli import ArgumentParser, choice_list, int_list, positive_float, positive_int, run, writable_dir
+from jaxmeta.cli import ArgumentParser, choice_list, int_list, positive_float, positive_int, writable_dir
 from jaxmeta.distributed import cpu_count
 from jaxmeta.errors import ConfigError
-
 
 
 def _say(msg: str) -> None:
@@ -56,7 +56,7 @@ def _say(msg: str) -> None:
 
 
 def build_parser() -> ArgumentParser:
-    from jaxmeta import benchmarking as bm
+    from experiments.benchmark import pipeline as bm
     from jaxmeta.models import CONV_IMPLS
 
     parser = ArgumentParser(prog="python -m experiments.benchmark", description=__doc__.split("\n")[0])
@@ -135,7 +135,7 @@ PROBLEM_OPTIONS = ("task", "algo", "ways", "shots", "queries", "meta_batch", "in
 
 def config_from_args(args):
     """The configuration of ``--setting`` (or the defaults), with the problem options given on the command line."""
-    from jaxmeta.benchmarking import PROTOCOLS, BenchConfig
+    from experiments.benchmark.pipeline import PROTOCOLS, BenchConfig
 
     given = {k: getattr(args, k) for k in PROBLEM_OPTIONS if getattr(args, k) is not None}
     base = dict(PROTOCOLS[args.setting]) if args.setting else {}
@@ -189,7 +189,7 @@ def write_episode(config, path: str) -> dict:
     import jax
     import numpy as np
 
-    from jaxmeta import benchmarking as bm
+    from experiments.benchmark import pipeline as bm
     from jaxmeta.algorithms import maml_loss
     from jaxmeta.models import classification_loss, conv4_omniglot
 
@@ -289,8 +289,6 @@ def torch_comparison(config, args, *, contestants: Sequence[str] = CONTESTANTS) 
     import subprocess
     import tempfile
 
-    from jaxmeta import benchmarking as bm
-
     check_torch_config(config)
     threads = args.torch_threads or cpu_count()
     log = lambda m: _say(f"[torch] {m}")  # noqa: E731
@@ -335,7 +333,7 @@ def torch_comparison(config, args, *, contestants: Sequence[str] = CONTESTANTS) 
     rows = {}
     for name in contestants:
         ms = [1e3 * t for t in times[name]]
-        rows[name] = {**bm.spread(ms), "ms_per_step": statistics.median(ms), "pid": pids[name]}
+        rows[name] = {**profiling.spread(ms), "ms_per_step": statistics.median(ms), "pid": pids[name]}
     jax_rows = {n: r for n, r in rows.items() if n.startswith("jax")}
     # The headline JAX figure is the training loop's form (many meta-steps per dispatch) when it ran.
     headline = "jax_loop" if "jax_loop" in jax_rows else next(iter(jax_rows), None)
@@ -378,7 +376,7 @@ def torch_comparison(config, args, *, contestants: Sequence[str] = CONTESTANTS) 
 
 
 def run_single(args) -> dict:
-    from jaxmeta import benchmarking as bm
+    from experiments.benchmark import pipeline as bm
     from jaxmeta.io import write_json
 
     config = config_from_args(args)
@@ -388,14 +386,14 @@ def run_single(args) -> dict:
     if args.json:
         writable_dir(os.path.dirname(os.path.abspath(args.json)))
     _say("measuring the fp32 matmul peak")
-    peak = bm.matmul_peak_gflops()
+    peak = profiling.matmul_peak_gflops()
     _say(f"  matmul peak {peak['peak_gflops']:.1f} GFLOP/s (median {peak['median_gflops']:.1f})")
     _say(config.label())
     result = bm.benchmark(config, matmul_peak=peak, ceiling=args.matmul_ceiling, profile=args.profile,
                           log=lambda m: _say(f"  {m}"))
     _say("  " + bm.summary_line(result))
     if args.profile:
-        _say(bm.format_profile(result["profile"]))
+        _say(profiling.format_profile(result["profile"]))
     if args.matmul_ceiling:
         for row in result["matmul_ceiling"]["shapes"][:8]:
             _say(f"    {row['lhs']} x {row['rhs']} x{row['count']:g}: {row['gflops_per_s']:.4g} GFLOP/s, "
@@ -411,7 +409,7 @@ def run_single(args) -> dict:
 
 
 def run_compare(args) -> dict:
-    from jaxmeta import benchmarking as bm
+    from experiments.benchmark import pipeline as bm
     from jaxmeta.io import write_json
 
     if args.sweep or args.torch:
@@ -431,7 +429,7 @@ def run_compare(args) -> dict:
 
 
 def run_sweep(args) -> dict:
-    from jaxmeta import benchmarking as bm
+    from experiments.benchmark import pipeline as bm
 
     if args.torch:
         _torch_module()
@@ -445,7 +443,7 @@ def run_sweep(args) -> dict:
         c.validate()
     started = time.perf_counter()
     _say("measuring the fp32 matmul peak")
-    peak = bm.matmul_peak_gflops()
+    peak = profiling.matmul_peak_gflops()
     _say(f"  matmul peak {peak['peak_gflops']:.1f} GFLOP/s (median {peak['median_gflops']:.1f})")
     results = []
     sweep = {"results": results, "matmul_peak": peak, "device": bm.device_description(), "quick": args.quick}
@@ -474,7 +472,7 @@ def run_sweep(args) -> dict:
 
 def write_sweep(sweep: dict, out_dir: str, *, plots: bool = True) -> None:
     """Writes ``sweep.json`` and ``sweep.md`` (and, with ``plots``, the two figures) for a sweep."""
-    from jaxmeta import benchmarking as bm
+    from experiments.benchmark import pipeline as bm
     from jaxmeta.io import atomic_write_text, write_json
 
     results, peak, device = sweep["results"], sweep["matmul_peak"], sweep["device"]
@@ -518,7 +516,7 @@ def _read_sweep(path: str) -> dict:
 
 def run_merge(args) -> dict:
     """Merges sweeps measured on one device (e.g. a sweep cut short and its remainder) into one report."""
-    from jaxmeta import benchmarking as bm
+    from experiments.benchmark import pipeline as bm
 
     sweeps = [_read_sweep(path) for path in args.merge]
     device = sweeps[0]["device"]
@@ -579,6 +577,3 @@ def main(argv: Sequence[str] | None = None):
         return run_compare(args)
     return run_sweep(args) if args.sweep else run_single(args)
 
-
-if __name__ == "__main__":
-    run(main)

@@ -24,14 +24,13 @@ import dataclasses
 import os
 from collections.abc import Sequence
 
-from jaxmeta import translation as tr
+from experiments.translation import pipeline as tr
 from jaxmeta.cli import (
     ArgumentParser,
     choice_list,
     nonnegative_int,
     positive_float,
     positive_int,
-    run,
     writable_dir,
 )
 from jaxmeta.errors import ConfigError
@@ -190,6 +189,3 @@ def main(argv: Sequence[str] | None = None):
         return outputs
     raise ConfigError(f"unknown command {args.command}")
 
-
-if __name__ == "__main__":
-    run(main)
