@@ -39,17 +39,13 @@ from jaxmeta.algorithms.registry import (
     make_learner,
     spec,
 )
-from jaxmeta.checkpoint import config_identity
 from jaxmeta.cli import (
     ArgumentParser,
     choice_list,
-    int_list,
-    nonnegative_float,
-    positive_float,
-    positive_int,
     run,
     writable_dir,
 )
+from jaxmeta.config import NONNEGATIVE, POSITIVE, Config, setting
 from jaxmeta.data import sinusoid
 from jaxmeta.errors import ConfigError
 from jaxmeta.io import figure, pyplot, save_figure, write_json
@@ -58,42 +54,43 @@ from jaxmeta.training import train
 
 
 @dataclasses.dataclass(frozen=True)
-class SinusoidConfig:
+class SinusoidConfig(Config):
     """One sinusoid experiment (hashable, frozen: presets are instances)."""
 
-    meta_steps: int = 70_000
-    meta_batch: int = 25
-    shots: int = 10
-    inner_steps: int = 1
-    inner_lr: float = 0.01
-    outer_lr: float = 1e-3
-    reptile_inner_steps: int = 5
-    reptile_inner_lr: float = 0.01
-    reptile_epsilon: float = 0.1
-    imaml_lam: float = 1.0
-    imaml_cg_steps: int = 5
-    imaml_cg_damping: float = 0.0
-    eval_shots: tuple[int, ...] = (5, 10, 20)
-    eval_steps: tuple[int, ...] = (1, 5, 10)
-    test_tasks: int = 600
-    query_points: int = 100
-    test_points: int = 120
-    log_every: int = 1_000
-    seed: int = 0
-    pretrain_lr_grid: tuple[float, ...] = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02)
-    train_shots: tuple[int, ...] = ()
+    meta_steps: int = setting(70_000, check=POSITIVE)
+    meta_batch: int = setting(25, check=POSITIVE)
+    shots: int = setting(10, check=POSITIVE, help="K support (and query) points in training")
+    inner_steps: int = setting(1, check=POSITIVE)
+    inner_lr: float = setting(0.01, check=POSITIVE)
+    outer_lr: float = setting(1e-3, check=POSITIVE)
+    reptile_inner_steps: int = setting(5, check=POSITIVE, help="Reptile's inner steps (default 5)")
+    reptile_inner_lr: float = setting(0.01, check=POSITIVE, help="Reptile's inner learning rate (default 0.01)")
+    reptile_epsilon: float = setting(0.1, check=POSITIVE, help="Reptile's outer step size (default 0.1)")
+    imaml_lam: float = setting(1.0, check=POSITIVE, help="iMAML's proximal strength lambda (default 1)")
+    imaml_cg_steps: int = setting(5, check=POSITIVE, help="iMAML's conjugate-gradient steps (default 5)")
+    imaml_cg_damping: float = setting(
+        0.0, check=NONNEGATIVE,
+        help="iMAML: solve (I + H/(lambda + D)) g = grad instead of the exact D = 0 (default 0)")
+    eval_shots: tuple[int, ...] = setting((5, 10, 20), help="comma-separated K values for testing")
+    eval_steps: tuple[int, ...] = setting((1, 5, 10), help="comma-separated inner steps reported")
+    test_tasks: int = setting(600, check=POSITIVE)
+    query_points: int = setting(100, check=POSITIVE, help="held-out points scored per test task")
+    test_points: int = setting(120, check=POSITIVE, help="points drawn per test task (K + query)")
+    log_every: int = setting(1_000, check=POSITIVE, help="meta-steps per logged line (and per dispatch)")
+    seed: int = setting(0)
+    pretrain_lr_grid: tuple[float, ...] = setting((0.0005, 0.001, 0.002, 0.005, 0.01, 0.02), check=POSITIVE,
+                                                  flag=False)
+    train_shots: tuple[int, ...] = setting(
+        (), help="comma-separated K values: train one model per K and score each test K with "
+                 "the model trained at that K (instead of one model at --shots)")
+
+    IDENTITY_EXCLUDE = ("meta_steps", "log_every", "eval_shots", "eval_steps", "test_tasks", "query_points",
+                        "test_points", "pretrain_lr_grid", "train_shots")
+    IDENTITY_LATER = ("imaml_lam", "imaml_cg_steps", "imaml_cg_damping")
 
     def validate(self) -> None:
         """Raises :class:`ConfigError` for impossible settings."""
-        for name in ("meta_steps", "meta_batch", "shots", "inner_steps", "reptile_inner_steps",
-                     "test_tasks", "query_points", "test_points", "log_every", "imaml_cg_steps"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        for name in ("inner_lr", "outer_lr", "reptile_inner_lr", "reptile_epsilon", "imaml_lam"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if not (self.imaml_cg_damping >= 0 and np.isfinite(self.imaml_cg_damping)):
-            raise ConfigError(f"imaml-cg-damping must be a non-negative number, got {self.imaml_cg_damping}")
+        super().validate()
         if not self.eval_shots or not self.eval_steps:
             raise ConfigError("eval-shots and eval-steps must not be empty")
         if self.test_tasks < 2:
@@ -193,17 +190,11 @@ def train_algorithm(
         out_dir=out_dir,
         checkpoint_every=10 * config.log_every,
         resume=resume,
-        identity={"experiment": "sinusoid", "algo": algo, **_identity(config)},
+        identity={"experiment": "sinusoid", "algo": algo, **config.identity()},
         progress=progress,
         desc=f"sinusoid {algo}",
     )
     return result.state.meta.params, result.history, result.seconds
-
-
-def _identity(config: SinusoidConfig) -> dict:
-    evaluation_only = ("meta_steps", "log_every", "eval_shots", "eval_steps", "test_tasks", "query_points",
-                       "test_points", "pretrain_lr_grid", "train_shots")
-    return config_identity(config, exclude=evaluation_only, later=("imaml_lam", "imaml_cg_steps", "imaml_cg_damping"))
 
 
 def tuned_lr(config: SinusoidConfig, algo: str, params, shots: int) -> float:
@@ -400,25 +391,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--algos", type=choice_list(ALGORITHMS), default=BASE_ALGORITHMS,
                         help="comma-separated subset of " + ",".join(ALGORITHMS) + " (default: the first four)")
     parser.add_argument("--out", default="runs/sinusoid", help="output directory")
-    parser.add_argument("--meta-steps", type=positive_int)
-    parser.add_argument("--meta-batch", type=positive_int)
-    parser.add_argument("--shots", type=positive_int, help="K support (and query) points in training")
-    parser.add_argument("--train-shots", type=int_list,
-                        help="comma-separated K values: train one model per K and score each test K with "
-                             "the model trained at that K (instead of one model at --shots)")
-    parser.add_argument("--inner-steps", type=positive_int)
-    parser.add_argument("--inner-lr", type=positive_float)
-    parser.add_argument("--outer-lr", type=positive_float)
-    parser.add_argument("--imaml-lam", type=positive_float, help="iMAML's proximal strength lambda (default 1)")
-    parser.add_argument("--imaml-cg-steps", type=positive_int, help="iMAML's conjugate-gradient steps (default 5)")
-    parser.add_argument("--imaml-cg-damping", type=nonnegative_float,
-                        help="iMAML: solve (I + H/(lambda + D)) g = grad instead of the exact D = 0 (default 0)")
-    parser.add_argument("--eval-shots", type=int_list, help="comma-separated K values for testing")
-    parser.add_argument("--eval-steps", type=int_list, help="comma-separated inner steps reported")
-    parser.add_argument("--test-tasks", type=positive_int)
-    parser.add_argument("--query-points", type=positive_int, help="held-out points scored per test task")
-    parser.add_argument("--test-points", type=positive_int, help="points drawn per test task (K + query)")
-    parser.add_argument("--seed", type=int)
+    SinusoidConfig.add_flags(parser)
     parser.add_argument("--resume", action="store_true",
                         help="continue the runs in --out (finished ones are only re-evaluated)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
@@ -427,11 +400,7 @@ def build_parser() -> ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    overrides = {
-        k: v
-        for k, v in vars(args).items()
-        if v is not None and k not in ("preset", "algos", "out", "no_progress", "resume")
-    }
+    overrides = SinusoidConfig.flag_values(args)
     if args.shots is not None and args.train_shots:
         raise ConfigError("give --shots (one model for every test K) or --train-shots (one model per K), not both")
     config = dataclasses.replace(PRESETS[args.preset], **overrides)
