@@ -45,7 +45,7 @@ from jaxmeta.cli import (
     run,
     writable_dir,
 )
-from jaxmeta.config import NONNEGATIVE, POSITIVE, Config, setting
+from jaxmeta.config import NONNEGATIVE, POSITIVE, Config, option
 from jaxmeta.data import sinusoid
 from jaxmeta.errors import ConfigError
 from jaxmeta.io import figure, pyplot, save_figure, write_json
@@ -57,30 +57,30 @@ from jaxmeta.training import train
 class SinusoidConfig(Config):
     """One sinusoid experiment (hashable, frozen: presets are instances)."""
 
-    meta_steps: int = setting(70_000, check=POSITIVE)
-    meta_batch: int = setting(25, check=POSITIVE)
-    shots: int = setting(10, check=POSITIVE, help="K support (and query) points in training")
-    inner_steps: int = setting(1, check=POSITIVE)
-    inner_lr: float = setting(0.01, check=POSITIVE)
-    outer_lr: float = setting(1e-3, check=POSITIVE)
-    reptile_inner_steps: int = setting(5, check=POSITIVE, help="Reptile's inner steps (default 5)")
-    reptile_inner_lr: float = setting(0.01, check=POSITIVE, help="Reptile's inner learning rate (default 0.01)")
-    reptile_epsilon: float = setting(0.1, check=POSITIVE, help="Reptile's outer step size (default 0.1)")
-    imaml_lam: float = setting(1.0, check=POSITIVE, help="iMAML's proximal strength lambda (default 1)")
-    imaml_cg_steps: int = setting(5, check=POSITIVE, help="iMAML's conjugate-gradient steps (default 5)")
-    imaml_cg_damping: float = setting(
+    meta_steps: int = option(70_000, check=POSITIVE)
+    meta_batch: int = option(25, check=POSITIVE)
+    shots: int = option(10, check=POSITIVE, help="K support (and query) points in training")
+    inner_steps: int = option(1, check=POSITIVE)
+    inner_lr: float = option(0.01, check=POSITIVE)
+    outer_lr: float = option(1e-3, check=POSITIVE)
+    reptile_inner_steps: int = option(5, check=POSITIVE, help="Reptile's inner steps (default 5)")
+    reptile_inner_lr: float = option(0.01, check=POSITIVE, help="Reptile's inner learning rate (default 0.01)")
+    reptile_epsilon: float = option(0.1, check=POSITIVE, help="Reptile's outer step size (default 0.1)")
+    imaml_lam: float = option(1.0, check=POSITIVE, help="iMAML's proximal strength lambda (default 1)")
+    imaml_cg_steps: int = option(5, check=POSITIVE, help="iMAML's conjugate-gradient steps (default 5)")
+    imaml_cg_damping: float = option(
         0.0, check=NONNEGATIVE,
         help="iMAML: solve (I + H/(lambda + D)) g = grad instead of the exact D = 0 (default 0)")
-    eval_shots: tuple[int, ...] = setting((5, 10, 20), help="comma-separated K values for testing")
-    eval_steps: tuple[int, ...] = setting((1, 5, 10), help="comma-separated inner steps reported")
-    test_tasks: int = setting(600, check=POSITIVE)
-    query_points: int = setting(100, check=POSITIVE, help="held-out points scored per test task")
-    test_points: int = setting(120, check=POSITIVE, help="points drawn per test task (K + query)")
-    log_every: int = setting(1_000, check=POSITIVE, help="meta-steps per logged line (and per dispatch)")
-    seed: int = setting(0)
-    pretrain_lr_grid: tuple[float, ...] = setting((0.0005, 0.001, 0.002, 0.005, 0.01, 0.02), check=POSITIVE,
+    eval_shots: tuple[int, ...] = option((5, 10, 20), help="comma-separated K values for testing")
+    eval_steps: tuple[int, ...] = option((1, 5, 10), help="comma-separated inner steps reported")
+    test_tasks: int = option(600, check=POSITIVE)
+    query_points: int = option(100, check=POSITIVE, help="held-out points scored per test task")
+    test_points: int = option(120, check=POSITIVE, help="points drawn per test task (K + query)")
+    log_every: int = option(1_000, check=POSITIVE, help="meta-steps per logged line (and per dispatch)")
+    seed: int = option(0)
+    pretrain_lr_grid: tuple[float, ...] = option((0.0005, 0.001, 0.002, 0.005, 0.01, 0.02), check=POSITIVE,
                                                   flag=False)
-    train_shots: tuple[int, ...] = setting(
+    train_shots: tuple[int, ...] = option(
         (), help="comma-separated K values: train one model per K and score each test K with "
                  "the model trained at that K (instead of one model at --shots)")
 

@@ -6,8 +6,8 @@ that needs a check says so where it is declared::
 
     @dataclasses.dataclass(frozen=True)
     class MyConfig(Config):
-        meta_steps: int = setting(1_000, check=POSITIVE, help="meta-iterations in total")
-        inner_lr: float = setting(0.4, check=POSITIVE, help="inner learning rate")
+        meta_steps: int = option(1_000, check=POSITIVE, help="meta-iterations in total")
+        inner_lr: float = option(0.4, check=POSITIVE, help="inner learning rate")
 
     MyConfig(meta_steps=0).validate()   # ConfigError: meta-steps must be positive, got 0
 
@@ -41,12 +41,14 @@ _PARSERS = {(int, POSITIVE): positive_int, (int, NONNEGATIVE): nonnegative_int,
             (float, POSITIVE): positive_float, (float, NONNEGATIVE): nonnegative_float}
 
 
-def setting(default: Any, *, check: str | None = None, help: str | None = None, flag: bool = True) -> Any:
+def option(default: Any, *, check: str | None = None, choices: Sequence[str] | None = None,
+            help: str | None = None, flag: bool = True) -> Any:
     """A configuration field: its default, its ``check`` (:data:`POSITIVE`, :data:`NONNEGATIVE` or
-    ``None``), the ``help`` of its flag, and whether it has a flag at all."""
+    ``None``) or its ``choices``, the ``help`` of its flag, and whether it has a flag at all."""
     if check not in (None, POSITIVE, NONNEGATIVE):
         raise ValueError(f"unknown check {check!r}")
-    return dataclasses.field(default=default, metadata={"check": check, "help": help, "flag": flag})
+    return dataclasses.field(default=default, metadata={"check": check, "choices": choices, "help": help,
+                                                        "flag": flag})
 
 
 def flag_name(name: str) -> str:
@@ -75,15 +77,17 @@ class Config:
         Examples:
           >>> @dataclasses.dataclass(frozen=True)
           ... class Steps(Config):
-          ...     steps: int = setting(5, check=POSITIVE)
+          ...     steps: int = option(5, check=POSITIVE)
           >>> Steps(steps=0).validate()
           Traceback (most recent call last):
           ...
           jaxmeta.errors.ConfigError: steps must be positive, got 0
         """
         for f in dataclasses.fields(self):
-            check = f.metadata.get("check")
+            check, choices = f.metadata.get("check"), f.metadata.get("choices")
             value = getattr(self, f.name)
+            if choices is not None and value not in choices:
+                raise ConfigError(f"unknown {flag_name(f.name)} {value!r}; choose from {', '.join(choices)}")
             if check is not None and value is not None and not _passes(value, check):
                 what = check if isinstance(value, int) and not isinstance(value, bool) else f"a {check} number"
                 raise ConfigError(f"{flag_name(f.name)} must be {what}, got {value}")
@@ -104,6 +108,9 @@ class Config:
             parse = (types or {}).get(f.name) or _parser(hints[f.name], f.metadata.get("check"))
             if parse is bool:
                 parser.add_argument(f"--{flag_name(f.name)}", action="store_true", default=None,
+                                    help=f.metadata.get("help"))
+            elif f.metadata.get("choices") is not None:
+                parser.add_argument(f"--{flag_name(f.name)}", choices=f.metadata["choices"],
                                     help=f.metadata.get("help"))
             else:
                 parser.add_argument(f"--{flag_name(f.name)}", type=parse, help=f.metadata.get("help"))

@@ -46,7 +46,7 @@ from collections.abc import Sequence
 
 from jaxmeta import profiling
 from jaxmeta.algorithms.registry import ALGORITHMS
-from jaxmeta.cli import ArgumentParser, choice_list, int_list, positive_float, positive_int, writable_dir
+from jaxmeta.cli import ArgumentParser, choice_list, int_list, positive_int, writable_dir
 from jaxmeta.distributed import cpu_count
 from jaxmeta.errors import ConfigError
 
@@ -57,37 +57,12 @@ def _say(msg: str) -> None:
 
 def build_parser() -> ArgumentParser:
     from experiments.benchmark import pipeline as bm
-    from jaxmeta.models import CONV_IMPLS
 
     parser = ArgumentParser(prog="python -m experiments.benchmark", description=__doc__.split("\n")[0])
     parser.add_argument("--setting", choices=tuple(bm.PROTOCOLS),
                         help="a paper's training step by name (" + ", ".join(bm.PROTOCOLS) + "); the problem "
                         "options below override it")
-    parser.add_argument("--task", choices=bm.TASKS)
-    parser.add_argument("--algo", choices=ALGORITHMS)
-    parser.add_argument("--ways", type=positive_int, help="classes per task (Omniglot; default 5)")
-    parser.add_argument("--shots", type=positive_int, help="support examples per class (default 1; sinusoid 10)")
-    parser.add_argument("--queries", type=positive_int,
-                        help="query examples per class (default 15; sinusoid 10 points)")
-    parser.add_argument("--meta-batch", type=positive_int, help="tasks per meta-step (default 32; sinusoid 25)")
-    parser.add_argument("--inner-steps", type=positive_int, help="default 1")
-    parser.add_argument("--inner-lr", type=positive_float, help="default 0.4 (Omniglot), 0.01 (sinusoid)")
-    parser.add_argument("--outer-lr", type=positive_float, default=1e-3)
-    parser.add_argument("--remat", action="store_true",
-                        help="rematerialise inner steps (algorithms that differentiate through them)")
-    parser.add_argument("--chunk-size", type=positive_int,
-                        help="tasks per lax.map chunk (default: vmap over the whole meta-batch)")
-    parser.add_argument("--conv-impl", choices=CONV_IMPLS, default="auto")
-    parser.add_argument("--classes", type=positive_int,
-                        help="classes in the random Omniglot image pool (default 1200; the named settings: "
-                        "4400, as many as the real training pool)")
-    parser.add_argument("--repeats", type=positive_int, help="timed one-step dispatches (default 10)")
-    parser.add_argument("--warmup", type=positive_int, help="untimed dispatches before timing (default 2)")
-    parser.add_argument("--steps-per-dispatch", type=positive_int,
-                        help="meta-steps per dispatch in the many-steps timing (default 10; sweep 5)")
-    parser.add_argument("--dispatch-repeats", type=positive_int,
-                        help="timed many-step dispatches (default 3; sweep 2)")
-    parser.add_argument("--seed", type=int, default=0)
+    bm.BenchConfig.add_flags(parser)
     parser.add_argument("--json", metavar="OUT", help="write the result as JSON (atomically)")
     parser.add_argument("--profile", action="store_true",
                         help="also time every op of the compiled step (jax.profiler trace): where the time goes")
@@ -137,7 +112,8 @@ def config_from_args(args):
     """The configuration of ``--setting`` (or the defaults), with the problem options given on the command line."""
     from experiments.benchmark.pipeline import PROTOCOLS, BenchConfig
 
-    given = {k: getattr(args, k) for k in PROBLEM_OPTIONS if getattr(args, k) is not None}
+    flags = BenchConfig.flag_values(args)
+    given = {k: v for k, v in flags.items() if k in PROBLEM_OPTIONS}
     base = dict(PROTOCOLS[args.setting]) if args.setting else {}
     task = given.get("task", base.get("task", "omniglot"))
     if args.setting and task != base["task"]:
@@ -146,15 +122,7 @@ def config_from_args(args):
     shots, queries, meta_batch = {"sinusoid": (10, 10, 25), "translation": (16, 16, 4)}.get(task, (1, 15, 32))
     problem = {"task": task, "algo": "maml", "ways": 5, "shots": shots, "queries": queries,
                "meta_batch": meta_batch, "inner_steps": 1, "classes": 1200, **base, **given}
-    config = BenchConfig(
-        **problem,
-        remat=args.remat,
-        chunk_size=args.chunk_size,
-        conv_impl=args.conv_impl,
-        outer_lr=args.outer_lr,
-        seed=args.seed,
-        **_timing_overrides(args),
-    )
+    config = BenchConfig(**problem, **{k: v for k, v in flags.items() if k not in PROBLEM_OPTIONS})
     config.validate()
     return config
 
