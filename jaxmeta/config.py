@@ -98,22 +98,21 @@ class Config:
 
     @classmethod
     def add_flags(cls, parser: argparse.ArgumentParser, *, skip: Sequence[str] = (),
-                  types: dict[str, Callable[[str], Any]] | None = None) -> None:
+                  types: dict[str, Callable[[str], Any]] | None = None, helps: dict[str, str] | None = None) -> None:
         """Adds ``--field-name`` for every field with a flag (not in ``skip``), defaulting to ``None``
-        (not given), parsed by its type and check; ``types`` replaces a field's parser."""
+        (not given), parsed by its type and check; ``types`` replaces a field's parser, ``helps`` its help."""
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             if not f.metadata.get("flag", True) or f.name in skip:
                 continue
             parse = (types or {}).get(f.name) or _parser(hints[f.name], f.metadata.get("check"))
+            help_text = (helps or {}).get(f.name, f.metadata.get("help"))
             if parse is bool:
-                parser.add_argument(f"--{flag_name(f.name)}", action="store_true", default=None,
-                                    help=f.metadata.get("help"))
+                parser.add_argument(f"--{flag_name(f.name)}", action="store_true", default=None, help=help_text)
             elif f.metadata.get("choices") is not None:
-                parser.add_argument(f"--{flag_name(f.name)}", choices=f.metadata["choices"],
-                                    help=f.metadata.get("help"))
+                parser.add_argument(f"--{flag_name(f.name)}", choices=f.metadata["choices"], help=help_text)
             else:
-                parser.add_argument(f"--{flag_name(f.name)}", type=parse, help=f.metadata.get("help"))
+                parser.add_argument(f"--{flag_name(f.name)}", type=parse, help=help_text)
 
     @classmethod
     def flag_values(cls, args: argparse.Namespace) -> dict[str, Any]:

@@ -9,30 +9,21 @@ from typing import Callable, Sequence
 
 from experiments.fewshot import pipeline as fewshot
 from experiments.fewshot.records import PaperResults, make_record, read_records, results_table, write_record
-from jaxmeta.algorithms.registry import ALGORITHMS
 from jaxmeta.cli import (
     ArgumentParser,
-    nonnegative_float,
     nonnegative_int,
-    positive_float,
     positive_int,
     writable_dir,
 )
 from jaxmeta.distributed import initialize as initialize_distributed
 from jaxmeta.errors import ConfigError
 from jaxmeta.io import atomic_write_text
-from jaxmeta.models.conv4 import CONV_IMPLS
 
 PresetFn = Callable[[str, int, int, str], dict]
 """``preset(name, ways, shots, algo) -> field overrides`` of :class:`~experiments.fewshot.pipeline.FewShotConfig`."""
 
-# CLI flag → FewShotConfig field, for the flags that override a preset.
-OVERRIDES = ("meta_steps", "meta_batch", "queries", "inner_steps", "inner_lr", "test_inner_steps", "outer_lr",
-             "seed", "split", "data_dir", "cache_dir", "conv_impl", "chunk_size", "log_every", "val_every",
-             "checkpoint_every", "max_bad_steps", "val_tasks", "test_tasks", "eval_queries", "eval_mode", "remat",
-             "devices", "imaml_lam", "imaml_cg_steps", "imaml_cg_damping", "per_step_bn", "train_shots",
-             "inner_optimizer", "inner_beta1", "inner_batch", "test_inner_batch", "persistent_inner_state",
-             "keep_best")
+OVERRIDES = tuple(f.name for f in dataclasses.fields(fewshot.FewShotConfig) if f.name != "dataset")
+"""The FewShotConfig fields a train flag may set over the preset."""
 
 
 def build_parser(dataset: str, presets: Sequence[str], data_env: str) -> ArgumentParser:
@@ -42,55 +33,8 @@ def build_parser(dataset: str, presets: Sequence[str], data_env: str) -> Argumen
     commands = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
 
     t = commands.add_parser("train", help="meta-train, validate, checkpoint, then evaluate on the test tasks")
-    t.add_argument("--ways", type=positive_int, help="N classes per task (default 5)")
-    t.add_argument("--shots", type=positive_int, help="K support examples per class (default 1)")
-    t.add_argument("--algo", choices=ALGORITHMS, help="default maml")
     t.add_argument("--preset", choices=presets, default="cpu")
-    t.add_argument("--meta-steps", type=positive_int, help="meta-iterations in total (also when resuming)")
-    t.add_argument("--meta-batch", type=positive_int, help="tasks per meta-step")
-    t.add_argument("--queries", type=positive_int, help="query examples per class in training")
-    t.add_argument("--inner-steps", type=positive_int, help="inner SGD steps in training")
-    t.add_argument("--inner-lr", type=positive_float, help="inner learning rate (mean-reduced loss)")
-    t.add_argument("--test-inner-steps", type=nonnegative_int, help="inner steps at validation/test time")
-    t.add_argument("--outer-lr", type=positive_float, help="outer (Adam) learning rate")
-    t.add_argument("--imaml-lam", type=positive_float, help="iMAML's proximal strength lambda (default 1)")
-    t.add_argument("--imaml-cg-steps", type=positive_int, help="iMAML's conjugate-gradient steps (default 5)")
-    t.add_argument("--imaml-cg-damping", type=nonnegative_float,
-                   help="iMAML: solve (I + H/(lambda + D)) g = grad instead of the exact D = 0 (default 0)")
-    t.add_argument("--per-step-bn", action="store_true", default=None,
-                   help="MAML++: per-step batch-norm weights and biases (BNWB)")
-    t.add_argument("--train-shots", type=positive_int,
-                   help="support examples per class in training tasks (default: --shots; Reptile's paper: 10)")
-    t.add_argument("--inner-optimizer", choices=fewshot.INNER_OPTIMIZERS, help="Reptile: inner sgd (default) or adam")
-    t.add_argument("--inner-beta1", type=nonnegative_float, help="the inner Adam's beta1 (default 0.9; Reptile's 0)")
-    t.add_argument("--inner-batch", type=positive_int, help="Reptile: support examples per inner step (default all)")
-    t.add_argument("--test-inner-batch", type=positive_int,
-                   help="Reptile: support examples per inner step at validation/test time (default all)")
-    t.add_argument("--persistent-inner-state", action="store_true", default=None,
-                   help="Reptile: carry the inner Adam state from task to task (the reference code)")
-    t.add_argument("--seed", type=int)
-    t.add_argument("--split", choices=("maml", "lake"))
-    t.add_argument("--data-dir", help=f"directory of the original data (else ${data_env})")
-    t.add_argument("--cache-dir", help="preprocessed-data cache (else $JAXMETA_CACHE_DIR or ~/.cache/jaxmeta)")
-    t.add_argument("--conv-impl", choices=CONV_IMPLS, help="convolution: auto (patches on CPU), patches, native")
-    t.add_argument("--chunk-size", type=positive_int, help="tasks per chunk (default: vmap all tasks)")
-    t.add_argument("--remat", action="store_true", default=None, help="rematerialise inner steps (saves memory)")
-    t.add_argument("--log-every", type=positive_int, help="meta-steps per logged line (and per dispatch)")
-    t.add_argument("--val-every", type=positive_int)
-    t.add_argument("--val-tasks", type=positive_int, help="fixed validation tasks")
-    t.add_argument("--eval-queries", type=positive_int,
-                   help="query examples per class in validation/test tasks (default: as in training)")
-    t.add_argument("--eval-mode", choices=fewshot.EVAL_MODES,
-                   help="score validation/test query sets in one batch (transductive, the default: MAML's) or "
-                        "each query example with the support set alone (non-transductive: Reptile's)")
-    t.add_argument("--test-tasks", type=positive_int, help="fixed test tasks of the final evaluation (600)")
-    t.add_argument("--checkpoint-every", type=positive_int)
-    t.add_argument("--keep-best", type=nonnegative_int,
-                   help="also keep the K checkpoints with the best validation accuracy (for evaluate --ensemble K)")
-    t.add_argument("--max-bad-steps", type=positive_int,
-                   help="stop after this many consecutive non-finite meta-steps")
-    t.add_argument("--devices", type=positive_int,
-                   help="devices to shard the task batch over (default: all local devices)")
+    fewshot.FewShotConfig.add_flags(t, helps={"data_dir": f"directory of the original data (else ${data_env})"})
     t.add_argument("--resume", action="store_true", help="continue the run in --out up to --meta-steps")
     t.add_argument("--out", required=True, help="run directory")
     t.add_argument("--no-progress", action="store_true")
@@ -132,7 +76,7 @@ def build_parser(dataset: str, presets: Sequence[str], data_env: str) -> Argumen
 
 def config_from_args(dataset: str, preset: PresetFn, args) -> fewshot.FewShotConfig:
     """The preset for (ways, shots), overridden by the flags given explicitly."""
-    explicit = {k: getattr(args, k) for k in OVERRIDES if getattr(args, k, None) is not None}
+    explicit = {k: v for k, v in fewshot.FewShotConfig.flag_values(args).items() if k in OVERRIDES}
     ways, shots = args.ways or 5, args.shots or 1
     base = dict(dataset=dataset, algo=args.algo or "maml", ways=ways, shots=shots)
     fields = {**base, **preset(args.preset, ways, shots, base["algo"]), **explicit}

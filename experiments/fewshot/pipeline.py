@@ -29,13 +29,15 @@ import numpy as np
 import optax
 
 from jaxmeta import checkpoint as ckpt
-from jaxmeta.algorithms.registry import check_protocol, make_learner, spec
+from jaxmeta.algorithms.registry import ALGORITHMS, check_protocol, make_learner, spec
+from jaxmeta.config import NONNEGATIVE, POSITIVE, Config, option
 from jaxmeta.data import episodes, provenance
 from jaxmeta.distributed import check_meta_batch, machine_name, task_mesh
 from jaxmeta.errors import CheckpointError, ConfigError, DataError, JaxmetaWarning
 from jaxmeta.evaluation import ci95, evaluate
 from jaxmeta.io import figure, pyplot, read_jsonl, save_figure, write_json
 from jaxmeta.models import (
+    CONV_IMPLS,
     classification_loss,
     conv4_miniimagenet,
     conv4_omniglot,
@@ -135,7 +137,7 @@ def eval_file(eval_mode: str = "transductive", ensemble: int = 0) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class FewShotConfig:
+class FewShotConfig(Config):
     """A few-shot classification run (frozen and hashable; presets are instances).
 
     The inner learning rate applies to a *mean*-reduced cross-entropy (the MAML
@@ -153,45 +155,58 @@ class FewShotConfig:
     state carried from task to task (see :func:`jaxmeta.algorithms.reptile.reptile`).
     """
 
-    dataset: str = "omniglot"
-    algo: str = "maml"
-    ways: int = 5
-    shots: int = 1
-    queries: int = 15
-    meta_batch: int = 32
-    inner_steps: int = 1
-    inner_lr: float = 0.4
-    test_inner_steps: int = 3
-    outer_lr: float = 1e-3
-    reptile_epsilon: float = 1.0
-    imaml_lam: float = 1.0
-    imaml_cg_steps: int = 5
-    imaml_cg_damping: float = 0.0
-    per_step_bn: bool = False
-    train_shots: int | None = None
-    inner_optimizer: str = "sgd"
-    inner_beta1: float = 0.9
-    inner_batch: int | None = None
-    test_inner_batch: int | None = None
-    persistent_inner_state: bool = False
-    meta_steps: int = 60_000
-    split: str = "maml"
-    seed: int = 0
-    conv_impl: str = "auto"
-    chunk_size: int | None = None
-    remat: bool = False
-    eval_queries: int | None = None
-    eval_mode: str = "transductive"
-    test_tasks: int = 600
-    val_tasks: int = 100
-    log_every: int = 100
-    val_every: int = 1_000
-    checkpoint_every: int = 1_000
-    keep_best: int = 0
-    max_bad_steps: int = 20
-    devices: int | None = None
-    data_dir: str | None = None
-    cache_dir: str | None = None
+    dataset: str = option("omniglot", choices=tuple(DATASETS), flag=False)
+    algo: str = option("maml", choices=ALGORITHMS, help="default maml")
+    ways: int = option(5, check=POSITIVE, help="N classes per task (default 5)")
+    shots: int = option(1, check=POSITIVE, help="K support examples per class (default 1)")
+    queries: int = option(15, check=POSITIVE, help="query examples per class in training")
+    meta_batch: int = option(32, check=POSITIVE, help="tasks per meta-step")
+    inner_steps: int = option(1, check=POSITIVE, help="inner SGD steps in training")
+    inner_lr: float = option(0.4, check=POSITIVE, help="inner learning rate (mean-reduced loss)")
+    test_inner_steps: int = option(3, check=NONNEGATIVE, help="inner steps at validation/test time")
+    outer_lr: float = option(1e-3, check=POSITIVE, help="outer (Adam) learning rate")
+    reptile_epsilon: float = option(1.0, check=POSITIVE, help="Reptile's outer step size (default 1, annealed to 0)")
+    imaml_lam: float = option(1.0, check=POSITIVE, help="iMAML's proximal strength lambda (default 1)")
+    imaml_cg_steps: int = option(5, check=POSITIVE, help="iMAML's conjugate-gradient steps (default 5)")
+    imaml_cg_damping: float = option(
+        0.0, check=NONNEGATIVE,
+        help="iMAML: solve (I + H/(lambda + D)) g = grad instead of the exact D = 0 (default 0)")
+    per_step_bn: bool = option(False, help="MAML++: per-step batch-norm weights and biases (BNWB)")
+    train_shots: int | None = option(
+        None, check=POSITIVE, help="support examples per class in training tasks (default: --shots; Reptile's paper: 10)")
+    inner_optimizer: str = option("sgd", choices=INNER_OPTIMIZERS, help="Reptile: inner sgd (default) or adam")
+    inner_beta1: float = option(0.9, check=NONNEGATIVE, help="the inner Adam's beta1 (default 0.9; Reptile's 0)")
+    inner_batch: int | None = option(None, check=POSITIVE,
+                                     help="Reptile: support examples per inner step (default all)")
+    test_inner_batch: int | None = option(
+        None, check=POSITIVE, help="Reptile: support examples per inner step at validation/test time (default all)")
+    persistent_inner_state: bool = option(
+        False, help="Reptile: carry the inner Adam state from task to task (the reference code)")
+    meta_steps: int = option(60_000, check=POSITIVE, help="meta-iterations in total (also when resuming)")
+    split: str = option("maml", choices=("maml", "lake"))
+    seed: int = option(0)
+    conv_impl: str = option("auto", choices=CONV_IMPLS, help="convolution: auto (patches on CPU), patches, native")
+    chunk_size: int | None = option(None, check=POSITIVE, help="tasks per chunk (default: vmap all tasks)")
+    remat: bool = option(False, help="rematerialise inner steps (saves memory)")
+    eval_queries: int | None = option(
+        None, check=POSITIVE, help="query examples per class in validation/test tasks (default: as in training)")
+    eval_mode: str = option(
+        "transductive", choices=EVAL_MODES,
+        help="score validation/test query sets in one batch (transductive, the default: MAML's) or "
+             "each query example with the support set alone (non-transductive: Reptile's)")
+    test_tasks: int = option(600, check=POSITIVE, help="fixed test tasks of the final evaluation (600)")
+    val_tasks: int = option(100, check=POSITIVE, help="fixed validation tasks")
+    log_every: int = option(100, check=POSITIVE, help="meta-steps per logged line (and per dispatch)")
+    val_every: int = option(1_000, check=POSITIVE)
+    checkpoint_every: int = option(1_000, check=POSITIVE)
+    keep_best: int = option(
+        0, check=NONNEGATIVE,
+        help="also keep the K checkpoints with the best validation accuracy (for evaluate --ensemble K)")
+    max_bad_steps: int = option(20, check=POSITIVE, help="stop after this many consecutive non-finite meta-steps")
+    devices: int | None = option(None, check=POSITIVE,
+                                 help="devices to shard the task batch over (default: all local devices)")
+    data_dir: str | None = option(None, help="directory of the original data")
+    cache_dir: str | None = option(None, help="preprocessed-data cache (else $JAXMETA_CACHE_DIR or ~/.cache/jaxmeta)")
 
     IDENTITY_EXCLUDE = ("meta_steps", "log_every", "val_every", "checkpoint_every", "max_bad_steps",
                         "data_dir", "cache_dir", "test_tasks", "val_tasks", "test_inner_steps", "chunk_size",
@@ -201,48 +216,14 @@ class FewShotConfig:
                       "inner_optimizer", "inner_beta1", "inner_batch", "persistent_inner_state")
     """Fields added after runs were first written: out of the identity at their defaults."""
 
-    def identity(self) -> dict:
-        """The fields a checkpoint must agree on to be resumed (model, task, algorithm)."""
-        return ckpt.config_identity(self, exclude=self.IDENTITY_EXCLUDE, later=self.IDENTITY_LATER)
-
     def validate(self) -> None:
         """Checks everything that needs no data; raises :class:`ConfigError`."""
-        if self.dataset not in DATASETS:
-            raise ConfigError(f"unknown dataset {self.dataset!r}; choose from {', '.join(DATASETS)}")
         spec(self.algo)  # an unknown name is one line
-        for name in ("ways", "shots", "queries", "meta_batch", "inner_steps", "meta_steps",
-                     "test_tasks", "val_tasks", "log_every", "val_every", "checkpoint_every", "max_bad_steps",
-                     "imaml_cg_steps"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.keep_best < 0:
-            raise ConfigError(f"keep-best must be >= 0, got {self.keep_best}")
-        if self.test_inner_steps < 0:
-            raise ConfigError(f"test-inner-steps must be >= 0, got {self.test_inner_steps}")
-        for name in ("inner_lr", "outer_lr", "reptile_epsilon", "imaml_lam"):
-            value = getattr(self, name)
-            if not (value > 0 and np.isfinite(value)):
-                raise ConfigError(f"{name.replace('_', '-')} must be a positive number, got {value}")
-        if not (self.imaml_cg_damping >= 0 and np.isfinite(self.imaml_cg_damping)):
-            raise ConfigError(f"imaml-cg-damping must be a non-negative number, got {self.imaml_cg_damping}")
-        if self.eval_queries is not None and self.eval_queries <= 0:
-            raise ConfigError(f"eval-queries must be positive, got {self.eval_queries}")
-        if self.eval_mode not in EVAL_MODES:
-            raise ConfigError(f"unknown eval-mode {self.eval_mode!r}; choose from {', '.join(EVAL_MODES)}")
-        if self.chunk_size is not None and self.chunk_size <= 0:
-            raise ConfigError(f"chunk-size must be positive, got {self.chunk_size}")
+        super().validate()
         if self.ways < 2:
             raise ConfigError(f"ways must be at least 2, got {self.ways}")
-        if self.split not in ("maml", "lake"):
-            raise ConfigError(f"unknown split {self.split!r}; choose maml or lake")
         if self.test_tasks < 2:
             raise ConfigError("tasks must be at least 2 for a confidence interval")
-        for name in ("train_shots", "inner_batch", "test_inner_batch"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise ConfigError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.inner_optimizer not in INNER_OPTIMIZERS:
-            raise ConfigError(f"unknown inner optimizer {self.inner_optimizer!r}; choose from "
-                              f"{', '.join(INNER_OPTIMIZERS)}")
         if not 0 <= self.inner_beta1 < 1:
             raise ConfigError(f"inner-beta1 must be in [0, 1), got {self.inner_beta1}")
         check_protocol(self.algo, {"inner_batch": self.inner_batch is not None,
