@@ -116,9 +116,9 @@ class Config:
 
     @classmethod
     def flag_values(cls, args: argparse.Namespace) -> dict[str, Any]:
-        """The fields given on the command line: ``{name: value}`` for every flag that is not ``None``."""
+        """The fields given on the command line: ``{name: value}`` for every generated flag that is not ``None``."""
         return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
-                if getattr(args, f.name, None) is not None}
+                if f.metadata.get("flag", True) and getattr(args, f.name, None) is not None}
 
 
 def _parser(hint: Any, check: str | None) -> Callable[[str], Any]:

@@ -117,7 +117,10 @@ def test_cli_compare_times_algorithms_side_by_side(tmp_path):
     assert maml["paired_ratio_median"] == 1.0 and anil["paired_ratio_median"] > 0
     assert anil["compile_s"] > 0 and report["config"]["inner_steps"] == 2
     assert report["device"]["backend"] == jax.default_backend()
-    assert proc.stdout.startswith("maml ") and "anil " in proc.stdout and "faster" in proc.stdout
+    assert proc.stdout.startswith("maml ") and "anil " in proc.stdout
+    # which is faster is a measurement (a loaded machine may reverse it); the line says which, with the ratio
+    pace = "faster" if anil["speedup_vs_baseline"] >= 1 else "slower"
+    assert f"x {pace}" in proc.stdout
 
 
 def test_anil_benchmark_problem_on_omniglot_splits_off_the_conv4_head():

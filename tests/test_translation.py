@@ -237,7 +237,7 @@ def test_candidate_checkpoints_are_evenly_spaced_back_from_the_last_and_keep_the
     assert tr.candidate_steps(range(250, 3_001, 250), 4) == [750, 1_500, 2_250, 3_000]
     assert tr.candidate_steps(steps, 0) == list(steps)
     assert tr.candidate_steps([250, 500], 6, 500) == [250, 500]
-    with pytest.raises(tr.ConfigError, match="unknown checkpoint selection 'best'"):
+    with pytest.raises(tr.ConfigError, match="unknown checkpoint-selection 'best'"):
         tr.TranslationConfig(checkpoint_selection="best").validate()
 
 

@@ -30,16 +30,9 @@ from jaxmeta.cli import (
     choice_list,
     nonnegative_int,
     positive_float,
-    positive_int,
     writable_dir,
 )
 from jaxmeta.errors import ConfigError
-
-OVERRIDES = {"meta_steps": nonnegative_int, "meta_batch": positive_int, "inner_steps": positive_int,
-             "inner_lr": positive_float, "outer_lr": positive_float, "seed": nonnegative_int,
-             "finetune_steps": positive_int, "flores_sentences": nonnegative_int, "log_every": positive_int,
-             "val_every": positive_int}
-
 
 def _codes(text: str) -> tuple[str, ...]:
     return tuple(c.strip() for c in text.split(",") if c.strip())
@@ -70,8 +63,7 @@ def _config_args(p: ArgumentParser, *, algo: bool) -> None:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     _selection_args(p)
-    for name, kind in OVERRIDES.items():
-        p.add_argument("--" + name.replace("_", "-"), type=kind)
+    tr.TranslationConfig.add_flags(p)
 
 
 def _selection_args(p: ArgumentParser) -> None:
@@ -85,7 +77,7 @@ def _selection_args(p: ArgumentParser) -> None:
 
 
 def _config(args, algo: str) -> tr.TranslationConfig:
-    overrides = {k: getattr(args, k) for k in OVERRIDES if getattr(args, k) is not None}
+    overrides = tr.TranslationConfig.flag_values(args)
     for field, arg in (("meta_langs", "meta_langs"), ("target_langs", "langs"), ("sizes", "sizes"),
                        ("seeds", "seeds"), ("data_dir", "data_dir"), ("checkpoint_selection", "checkpoint_selection"),
                        ("selection_candidates", "selection_candidates")):

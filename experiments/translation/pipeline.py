@@ -32,6 +32,7 @@ from jaxmeta import checkpoint as ckpt
 from jaxmeta import tokens
 from jaxmeta.algorithms.pretrain import pretrain
 from jaxmeta.algorithms.registry import make_learner, spec
+from jaxmeta.config import NONNEGATIVE, POSITIVE, Config, option
 from jaxmeta.data import provenance
 from jaxmeta.data import translation as tdata
 from jaxmeta.errors import CheckpointError, ConfigError, DataError, JaxmetaWarning, missing_extra
@@ -74,7 +75,7 @@ SHARED_FIELDS = ("d_model", "heads", "encoder_layers", "decoder_layers", "d_ff",
 
 
 @dataclasses.dataclass(frozen=True)
-class TranslationConfig:
+class TranslationConfig(Config):
     """A meta-training run and the fine-tuning protocol used to evaluate it.
 
     Model: a byte-level Transformer (``d_model``, ``heads``, layers, ``d_ff``).
@@ -104,47 +105,47 @@ class TranslationConfig:
     (:func:`select_by_finetuning`).
     """
 
-    algo: str = "fomaml"
-    meta_langs: tuple[str, ...] = ()
-    val_langs: tuple[str, ...] = tdata.VALIDATION_LANGUAGES
-    target_langs: tuple[str, ...] = ()
-    d_model: int = 128
-    heads: int = 4
-    encoder_layers: int = 2
-    decoder_layers: int = 2
-    d_ff: int = 256
-    max_len: int = 48
-    meta_batch: int = 4
-    support: int = 16
-    query: int = 16
-    inner_steps: int = 3
-    inner_lr: float = 1e-3
-    outer_lr: float = 1e-3
-    reptile_epsilon: float = 1.0
-    meta_steps: int = 2_000
-    seed: int = 0
-    log_every: int = 25
-    val_every: int = 250
-    val_tasks: int = 4
-    val_steps: int = 10
-    test_pairs: int = 500
-    dev_pairs: int = 200
-    split_seed: int = 0
-    finetune_lr: float = 1e-3
-    finetune_lrs: tuple[float, ...] = (1e-3, 3e-4, 1e-4, 3e-5)
-    finetune_val_pairs: int = 400
-    finetune_batch: int = 32
-    finetune_steps: int = 200
-    finetune_eval_every: int = 20
-    finetune_patience: int = 3
-    eval_len: int = 96
-    flores_sentences: int = 100
-    flores_len: int = 256
-    sizes: tuple[str, ...] = ("0", "100", "400", "1600", ALL)
-    seeds: tuple[int, ...] = (0, 1, 2)
-    checkpoint_selection: str = "validation"
-    selection_candidates: int = 0
-    data_dir: str | None = None
+    algo: str = option("fomaml", flag=False)
+    meta_langs: tuple[str, ...] = option((), flag=False)
+    val_langs: tuple[str, ...] = option(tdata.VALIDATION_LANGUAGES, flag=False)
+    target_langs: tuple[str, ...] = option((), flag=False)
+    d_model: int = option(128, check=POSITIVE, flag=False)
+    heads: int = option(4, check=POSITIVE, flag=False)
+    encoder_layers: int = option(2, check=POSITIVE, flag=False)
+    decoder_layers: int = option(2, check=POSITIVE, flag=False)
+    d_ff: int = option(256, check=POSITIVE, flag=False)
+    max_len: int = option(48, check=POSITIVE, flag=False)
+    meta_batch: int = option(4, check=POSITIVE)
+    support: int = option(16, check=POSITIVE, flag=False)
+    query: int = option(16, check=POSITIVE, flag=False)
+    inner_steps: int = option(3, check=POSITIVE)
+    inner_lr: float = option(1e-3, check=POSITIVE)
+    outer_lr: float = option(1e-3, check=POSITIVE)
+    reptile_epsilon: float = option(1.0, check=POSITIVE, flag=False)
+    meta_steps: int = option(2_000, check=NONNEGATIVE)
+    seed: int = option(0, check=NONNEGATIVE)
+    log_every: int = option(25, check=POSITIVE)
+    val_every: int = option(250, check=POSITIVE)
+    val_tasks: int = option(4, check=POSITIVE, flag=False)
+    val_steps: int = option(10, check=NONNEGATIVE, flag=False)
+    test_pairs: int = option(500, check=POSITIVE, flag=False)
+    dev_pairs: int = option(200, check=POSITIVE, flag=False)
+    split_seed: int = option(0, flag=False)
+    finetune_lr: float = option(1e-3, check=POSITIVE, flag=False)
+    finetune_lrs: tuple[float, ...] = option((1e-3, 3e-4, 1e-4, 3e-5), check=POSITIVE, flag=False)
+    finetune_val_pairs: int = option(400, check=POSITIVE, flag=False)
+    finetune_batch: int = option(32, check=POSITIVE, flag=False)
+    finetune_steps: int = option(200, check=POSITIVE)
+    finetune_eval_every: int = option(20, check=POSITIVE, flag=False)
+    finetune_patience: int = option(3, check=POSITIVE, flag=False)
+    eval_len: int = option(96, check=POSITIVE, flag=False)
+    flores_sentences: int = option(100, check=NONNEGATIVE)
+    flores_len: int = option(256, check=POSITIVE, flag=False)
+    sizes: tuple[str, ...] = option(("0", "100", "400", "1600", ALL), flag=False)
+    seeds: tuple[int, ...] = option((0, 1, 2), flag=False)
+    checkpoint_selection: str = option("validation", choices=CHECKPOINT_SELECTIONS, flag=False)
+    selection_candidates: int = option(0, check=NONNEGATIVE, flag=False)
+    data_dir: str | None = option(None, flag=False)
 
     IDENTITY_EXCLUDE = ("meta_steps", "log_every", "val_every", "val_tasks", "val_steps", "data_dir",
                         "target_langs", "sizes", "seeds", "flores_sentences", "flores_len", "eval_len",
@@ -154,10 +155,6 @@ class TranslationConfig:
     @property
     def model_config(self) -> TransformerConfig:
         return TransformerConfig(self.d_model, self.heads, self.encoder_layers, self.decoder_layers, self.d_ff)
-
-    def identity(self) -> dict:
-        """What a checkpoint must agree on to be resumed or evaluated (model, data, algorithm)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.IDENTITY_EXCLUDE}
 
     def resolved(self) -> TranslationConfig:
         """Fills the data directory and the manifest's languages; checks every code."""
@@ -175,29 +172,15 @@ class TranslationConfig:
         """Checks everything that needs no data; raises :class:`ConfigError`."""
         if self.algo not in META_ALGORITHMS:
             raise ConfigError(f"unknown algorithm {self.algo!r}; choose from {', '.join(META_ALGORITHMS)}")
-        for name in ("d_model", "heads", "encoder_layers", "decoder_layers", "d_ff", "max_len", "meta_batch",
-                     "support", "query", "inner_steps", "log_every", "val_every", "val_tasks", "test_pairs",
-                     "dev_pairs", "finetune_batch", "finetune_steps", "finetune_eval_every", "finetune_patience",
-                     "eval_len", "flores_len"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.meta_steps < 0 or self.flores_sentences < 0 or self.val_steps < 0 or self.selection_candidates < 0:
-            raise ConfigError("meta-steps, flores-sentences, val-steps and selection-candidates must be >= 0")
-        if self.checkpoint_selection not in CHECKPOINT_SELECTIONS:
-            raise ConfigError(f"unknown checkpoint selection {self.checkpoint_selection!r}; "
-                              f"choose from {', '.join(CHECKPOINT_SELECTIONS)}")
-        for name in ("inner_lr", "outer_lr", "reptile_epsilon", "finetune_lr"):
-            value = getattr(self, name)
-            if not (value > 0 and math.isfinite(value)):
-                raise ConfigError(f"{name.replace('_', '-')} must be a positive number, got {value}")
+        super().validate()
         if self.d_model % self.heads or self.d_model % 2:
             raise ConfigError(f"d-model {self.d_model} must be even and divisible by heads {self.heads}")
         for size in self.sizes:
             parse_size(size)
         if not self.seeds:
             raise ConfigError("give at least one fine-tuning seed")
-        if not self.finetune_lrs or not all(lr > 0 and math.isfinite(lr) for lr in self.finetune_lrs):
-            raise ConfigError(f"finetune-lrs must be positive numbers, got {self.finetune_lrs}")
+        if not self.finetune_lrs:
+            raise ConfigError("give at least one fine-tuning learning rate (finetune-lrs)")
         if self.finetune_val_pairs < self.finetune_batch:
             raise ConfigError("finetune-val-pairs must be at least finetune-batch")
 
