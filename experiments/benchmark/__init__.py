@@ -51,6 +51,10 @@ from jaxmeta.distributed import cpu_count
 from jaxmeta.errors import ConfigError
 
 
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+"""The checkout holding ``experiments`` (not installed): where ``python -m experiments.contestant`` runs."""
+
+
 def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -200,7 +204,7 @@ class _Contestant:
             [sys.executable, "-m", "experiments.contestant", "--contestant", name, "--episode", episode,
              "--threads", str(threads)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True,
-            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+            cwd=CHECKOUT)
         self.ready = self._read()
 
     def _read(self) -> dict:
@@ -268,7 +272,7 @@ def torch_comparison(config, args, *, contestants: Sequence[str] = CONTESTANTS) 
             log("checking the PyTorch meta-gradients against JAX's and a float64 finite difference")
             done = subprocess.run([sys.executable, "-m", "experiments.contestant", "--check", "--episode", episode,
                                    "--threads", str(threads)], capture_output=True, text=True, timeout=3600,
-                                  cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                                  cwd=CHECKOUT)
             if done.returncode != 0:
                 tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
                 raise ConfigError(f"--torch: the gradient check failed ({tail})")
