@@ -21,6 +21,17 @@ from jaxmeta.cli import run
 PRESETS = ("paper", "cpu", "quick")
 
 
+def reptile_paper(ways: int, shots: int) -> dict:
+    """The Reptile paper's Mini-ImageNet protocol (openai/supervised-reptile's commands)."""
+    return {**reptile_protocol(inner_batch=10, inner_steps=8, inner_lr=0.001, train_shots=15,
+                               test_inner_batch=5 if shots == 1 else 15, meta_steps=100_000),
+            "split": "maml", "val_every": 5_000, "checkpoint_every": 5_000}
+
+
+OWN_PRESETS = {"reptile": {"paper": reptile_paper}}
+"""Presets an algorithm has of its own: Reptile's paper has its own Mini-ImageNet protocol (``paper``)."""
+
+
 def preset(name: str, ways: int, shots: int, algo: str = "maml") -> dict:
     """Preset hyper-parameters for ``ways``-way ``shots``-shot Mini-ImageNet.
 
@@ -38,10 +49,9 @@ def preset(name: str, ways: int, shots: int, algo: str = "maml") -> dict:
     """
     base = dict(meta_batch=4, inner_steps=5, inner_lr=0.01 * ways * shots, test_inner_steps=10, queries=15,
                 split="maml")
-    if name == "paper" and algo == "reptile":
-        return {**reptile_protocol(inner_batch=10, inner_steps=8, inner_lr=0.001, train_shots=15,
-                                   test_inner_batch=5 if shots == 1 else 15, meta_steps=100_000),
-                "split": "maml", "val_every": 5_000, "checkpoint_every": 5_000}
+    own = OWN_PRESETS.get(algo, {}).get(name)
+    if own is not None:
+        return own(ways, shots)
     if name == "paper":
         return {**base, "meta_steps": 60_000, "val_every": 2_000, "checkpoint_every": 2_000}
     if name == "cpu":

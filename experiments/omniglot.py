@@ -19,6 +19,30 @@ from jaxmeta.cli import run
 PRESETS = ("paper", "cpu", "quick")
 
 
+def reptile_paper(ways: int, shots: int) -> dict:
+    """The Reptile paper's Omniglot protocol (openai/supervised-reptile's commands) for ``ways``-way."""
+    protocol = (reptile_protocol(inner_batch=10, inner_steps=5, inner_lr=0.001, train_shots=10,
+                                 test_inner_batch=5, meta_steps=100_000) if ways <= 5 else
+                reptile_protocol(inner_batch=20, inner_steps=10, inner_lr=0.0005, train_shots=10,
+                                 test_inner_batch=10, meta_steps=200_000))
+    return {**protocol, "val_every": 5_000, "checkpoint_every": 5_000}
+
+
+def protonet_cpu(ways: int, shots: int) -> dict:
+    """Prototypical Networks on the CPU: 5 query examples per class (Snell et al.'s training episodes) and
+    480 images per meta-step at 5-way and 20-way alike (16 or 4 tasks), 10,000 meta-steps.
+
+    No inner loop, so no test inner steps: the prototypes are the adaptation.
+    """
+    return dict(meta_batch=16 if ways <= 5 else 4, queries=5, inner_steps=1, inner_lr=0.4, test_inner_steps=0,
+                meta_steps=10_000, val_every=1_000, checkpoint_every=500)
+
+
+OWN_PRESETS = {"reptile": {"paper": reptile_paper}, "protonet": {"cpu": protonet_cpu}}
+"""Presets an algorithm has of its own: Reptile's paper has its own Omniglot protocol (``paper`` follows
+it), and Prototypical Networks train on more query examples (``cpu``)."""
+
+
 def preset(name: str, ways: int, shots: int, algo: str = "maml") -> dict:
     """Preset hyper-parameters for ``ways``-way ``shots``-shot Omniglot.
 
@@ -39,12 +63,9 @@ def preset(name: str, ways: int, shots: int, algo: str = "maml") -> dict:
     five_way = ways <= 5
     base = (dict(meta_batch=32, inner_steps=1, inner_lr=0.4, test_inner_steps=3) if five_way
             else dict(meta_batch=16, inner_steps=5, inner_lr=0.1, test_inner_steps=10))
-    if name == "paper" and algo == "reptile":
-        protocol = (reptile_protocol(inner_batch=10, inner_steps=5, inner_lr=0.001, train_shots=10,
-                                     test_inner_batch=5, meta_steps=100_000) if five_way else
-                    reptile_protocol(inner_batch=20, inner_steps=10, inner_lr=0.0005, train_shots=10,
-                                     test_inner_batch=10, meta_steps=200_000))
-        return {**protocol, "val_every": 5_000, "checkpoint_every": 5_000}
+    own = OWN_PRESETS.get(algo, {}).get(name)
+    if own is not None:
+        return own(ways, shots)
     if name == "paper":
         return {**base, "meta_steps": 60_000, "queries": shots, "val_every": 2_000, "checkpoint_every": 2_000}
     if name == "cpu":

@@ -1,8 +1,10 @@
 """jaxmeta: gradient-based meta-learning in JAX.
 
-Pure functions composed from one inner loop (:func:`inner_adapt`): MAML with
-the exact second-order meta-gradient, first-order MAML, Reptile, and the
-pre-training baseline, each an optax-style ``(init, step)`` pair.
+Learners of pure functions over one inner loop (:func:`inner_adapt`): MAML
+with the exact second-order meta-gradient, first-order MAML, Reptile, the
+pre-training baseline, Meta-SGD, ANIL, MAML++, iMAML and Prototypical
+Networks, each a :class:`MetaLearner` ``(init, step, adapt)`` in the optax
+style; :func:`evaluate` scores any of them through its own ``adapt``.
 """
 
 from jaxmeta.algorithms import MetaLearner
@@ -19,6 +21,7 @@ from jaxmeta.algorithms import mamlpp
 from jaxmeta.algorithms import mamlpp_params
 from jaxmeta.algorithms import meta_sgd
 from jaxmeta.algorithms import meta_sgd_params
+from jaxmeta.algorithms import protonet
 from jaxmeta.algorithms import pretrain
 from jaxmeta.algorithms import reptile
 from jaxmeta.evaluation import EvalResult
@@ -50,5 +53,6 @@ __all__ = [
     "meta_sgd",
     "meta_sgd_params",
     "pretrain",
+    "protonet",
     "reptile",
 ]

@@ -27,8 +27,10 @@ def initialize() -> None:
     """Joins a multi-host run when JAX's coordinator variables are set (no-op otherwise).
 
     Set ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and
-    ``JAX_PROCESS_ID`` on every host (or run under a cluster that JAX detects,
-    such as SLURM or Cloud TPU), then start the same command on each host.
+    ``JAX_PROCESS_ID`` on every host, then start the same command on each
+    host.  Without ``JAX_COORDINATOR_ADDRESS`` it does nothing: a cluster that
+    :func:`jax.distributed.initialize` could detect by itself (SLURM, Cloud
+    TPU) is not joined unless the variable is set.
     """
     if os.environ.get("JAX_COORDINATOR_ADDRESS") and not jax.distributed.is_initialized():
         jax.distributed.initialize()

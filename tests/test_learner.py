@@ -22,6 +22,8 @@ MODEL = MLP(features=(16, 16))
 LOSS = regression_loss(MODEL)
 HEAD = "Dense_2"
 LR, LAM = 0.05, 2.0
+REGRESSION = [algo for algo in ALGORITHMS if not spec(algo).classification_only]
+"""The learners of a regression task (Prototypical Networks need classes: tests/test_protonet.py)."""
 
 
 def learner_of(algo):
@@ -66,7 +68,7 @@ def expected_adaptation(algo, state, support, steps):
     return phi
 
 
-@pytest.mark.parametrize("algo", ALGORITHMS)
+@pytest.mark.parametrize("algo", REGRESSION)
 def test_each_learner_adapts_with_its_own_rule_and_evaluate_scores_that(algo):
     tasks = sinusoid.sample_tasks(jax.random.PRNGKey(1), batch_size=4, shots=5, queries=10)
     params = MODEL.init(jax.random.PRNGKey(0), jnp.zeros((1, 1)))["params"]
@@ -97,7 +99,7 @@ def test_evaluate_needs_exactly_one_scorer():
         evaluate(learner, params, tasks, steps=1)
 
 
-@pytest.mark.parametrize("algo", ALGORITHMS)
+@pytest.mark.parametrize("algo", REGRESSION)
 def test_each_algorithm_s_spec_is_what_its_learner_does(algo):
     """The registry's answers, which the pipelines ask instead of testing names, are the learners' behaviour."""
     tasks = sinusoid.sample_tasks(jax.random.PRNGKey(1), batch_size=2, shots=5, queries=5)

@@ -236,9 +236,13 @@ class _Contestant:
         self.stderr.close()
 
 
+TORCH_ALGORITHMS = ("maml",)
+"""What the PyTorch references (:mod:`experiments.torch_reference`) implement: exact second-order MAML."""
+
+
 def check_torch_config(config) -> None:
     """Refuses, in one line, a configuration the PyTorch references do not implement."""
-    if config.task != "omniglot" or config.algo != "maml" or config.remat or config.chunk_size:
+    if config.task != "omniglot" or config.algo not in TORCH_ALGORITHMS or config.remat or config.chunk_size:
         raise ConfigError("--torch compares exact second-order MAML on Omniglot (no --remat, no --chunk-size)")
 
 

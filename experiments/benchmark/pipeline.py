@@ -110,6 +110,8 @@ class BenchConfig(Config):
     def validate(self) -> None:
         """Raises :class:`ConfigError` (one line) for an impossible configuration."""
         super().validate()
+        if self.task != "omniglot" and spec(self.algo).classification_only:
+            raise ConfigError(f"{spec(self.algo).title} need classes: --task omniglot, not {self.task}")
         if self.task == "omniglot":
             if self.ways > self.classes:
                 raise ConfigError(f"ways={self.ways} exceeds the {self.classes} classes of the image pool")

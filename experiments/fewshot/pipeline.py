@@ -29,7 +29,7 @@ import numpy as np
 import optax
 
 from jaxmeta import checkpoint as ckpt
-from jaxmeta.algorithms.registry import ALGORITHMS, check_protocol, make_learner, spec
+from jaxmeta.algorithms.registry import ALGORITHMS, check_protocol, config_options, make_learner, spec
 from jaxmeta.config import NONNEGATIVE, POSITIVE, Config, option
 from jaxmeta.data import episodes, provenance
 from jaxmeta.distributed import check_meta_batch, machine_name, task_mesh
@@ -304,17 +304,10 @@ def build(config: FewShotConfig):
     learner = make_learner(
         config.algo,
         loss_fn,
-        inner_steps=config.inner_steps,
-        inner_lr=config.inner_lr,
-        outer_lr=config.outer_lr,
-        meta_steps=config.meta_steps,
+        **config_options(config),
         has_aux=True,
         remat=config.remat,
         chunk_size=config.chunk_size,
-        reptile_epsilon=config.reptile_epsilon,
-        imaml_lam=config.imaml_lam,
-        imaml_cg_steps=config.imaml_cg_steps,
-        imaml_cg_damping=config.imaml_cg_damping,
         mamlpp_per_step_bn=config.per_step_bn,
         model=model,
         make_loss=classification_loss,

@@ -31,7 +31,7 @@ import optax
 from jaxmeta import checkpoint as ckpt
 from jaxmeta import tokens
 from jaxmeta.algorithms.pretrain import pretrain
-from jaxmeta.algorithms.registry import make_learner, spec
+from jaxmeta.algorithms.registry import config_options, make_learner, spec
 from jaxmeta.config import NONNEGATIVE, POSITIVE, Config, option
 from jaxmeta.data import provenance
 from jaxmeta.data import translation as tdata
@@ -241,9 +241,8 @@ def learner(config: TranslationConfig, loss_fn):
     """The meta-learner of ``config.algo`` (MAML variants and Reptile adapt with Adam)."""
     algo = spec(config.algo)  # a differentiated Adam needs eps_root > 0 (its sqrt has no derivative at 0)
     inner = optax.adam(config.inner_lr, eps_root=1e-8 if algo.second_order else 0.0) if algo.inner_loop else None
-    return make_learner(config.algo, loss_fn, inner_steps=config.inner_steps, inner_lr=config.inner_lr,
-                        outer_lr=config.outer_lr, meta_steps=max(config.meta_steps, 1), has_aux=True,
-                        reptile_epsilon=config.reptile_epsilon, inner_optimizer=inner)
+    return make_learner(config.algo, loss_fn, **{**config_options(config), "meta_steps": max(config.meta_steps, 1)},
+                        has_aux=True, inner_optimizer=inner)
 
 
 def load_corpus(config: TranslationConfig, codes: Sequence[str] | None = None) -> tdata.Corpus:
@@ -388,8 +387,8 @@ def selection_metric(algo: str) -> str:
     loss from 1.17 to 1.61), and would pick its checkpoint by robustness to
     that rate rather than by quality.  Neither predicts fine-tuning well: two
     MultiNMT checkpoints with equal unadapted loss fine-tuned to 1.056 and
-    1.003 on the validation languages (README, "Against another MultiNMT
-    checkpoint"); ``evaluate --runs RUN@STEP`` compares stated checkpoints,
+    1.003 on the validation languages (docs/translation.md, "On an H200: 15,000
+    meta-steps"); ``evaluate --runs RUN@STEP`` compares stated checkpoints,
     and ``evaluate --checkpoint-selection finetuned`` chooses every method's
     by the fine-tuned validation loss (:func:`select_by_finetuning`).
     """

@@ -21,6 +21,8 @@ from jaxmeta.algorithms.mamlpp import mamlpp_params
 from jaxmeta.algorithms.meta_sgd import meta_sgd
 from jaxmeta.algorithms.meta_sgd import meta_sgd_params
 from jaxmeta.algorithms.pretrain import pretrain
+from jaxmeta.algorithms.protonet import prototype_head
+from jaxmeta.algorithms.protonet import protonet
 from jaxmeta.algorithms.reptile import reptile
 
 __all__ = [
@@ -45,5 +47,7 @@ __all__ = [
     "meta_sgd",
     "meta_sgd_params",
     "pretrain",
+    "protonet",
+    "prototype_head",
     "reptile",
 ]

@@ -20,6 +20,7 @@ from jaxmeta.algorithms.maml import maml
 from jaxmeta.algorithms.mamlpp import mamlpp
 from jaxmeta.algorithms.meta_sgd import meta_sgd
 from jaxmeta.algorithms.pretrain import pretrain
+from jaxmeta.algorithms.protonet import protonet
 from jaxmeta.algorithms.reptile import reptile
 from jaxmeta.errors import ConfigError
 from jaxmeta.inner import LossFn
@@ -33,7 +34,8 @@ class AlgorithmSpec:
     title: str
     """How tables and messages name it ("first-order MAML")."""
     inner_loop: bool = True
-    """``False`` for pre-training: it trains the current parameters on all tasks and adapts only at test."""
+    """``False``: no inner gradient loop in training, so training's inner steps mean nothing to it
+    (pre-training trains the current parameters on all tasks; Prototypical Networks compute prototypes)."""
     second_order: bool = False
     """Its meta-gradient differentiates through the inner loop (a differentiated inner Adam needs ``eps_root``)."""
     remat: bool = False
@@ -44,6 +46,8 @@ class AlgorithmSpec:
     """Configuration switches of its own paper's protocol, which the pipelines offer no other algorithm."""
     min_inner_steps: int = 1
     """Fewer training inner steps make it another algorithm (Reptile with one step is joint training)."""
+    classification_only: bool = False
+    """It needs classes (prototypes, label inputs): no regression task such as the sinusoid."""
 
 
 ALGORITHM_SPECS = {
@@ -56,6 +60,7 @@ ALGORITHM_SPECS = {
     "anil": AlgorithmSpec("ANIL", second_order=True, remat=True),
     "mamlpp": AlgorithmSpec("MAML++", second_order=True, remat=True, protocol=("per_step_bn",)),
     "imaml": AlgorithmSpec("iMAML", inner_optimizer=True),
+    "protonet": AlgorithmSpec("Prototypical Networks", inner_loop=False, classification_only=True),
 }
 """Every algorithm :func:`make_learner` builds, in the order tables list them."""
 
@@ -83,6 +88,16 @@ def check_protocol(algo: str, switches: dict[str, bool]) -> None:
         if mine:
             flags = ", ".join(name.replace("_", "-") for name in mine)
             raise ConfigError(f"{flags}: {owner_spec.title}'s protocol (--algo {owner}), not {algo}'s")
+
+
+SHARED_OPTIONS = ("inner_steps", "inner_lr", "outer_lr", "meta_steps", "reptile_epsilon", "imaml_lam",
+                  "imaml_cg_steps", "imaml_cg_damping")
+""":func:`make_learner` keywords that experiment configs declare under the same names."""
+
+
+def config_options(config) -> dict:
+    """The :data:`SHARED_OPTIONS` that ``config`` (any dataclass or object) has, as :func:`make_learner` keywords."""
+    return {name: getattr(config, name) for name in SHARED_OPTIONS if hasattr(config, name)}
 
 
 def make_learner(
@@ -120,7 +135,8 @@ def make_learner(
     ``anil_fns=(features_fn, head_loss_fn)``, or the Flax ``model`` and the
     ``make_loss`` that made ``loss_fn`` (e.g. ``classification_loss``), from
     which :func:`~jaxmeta.algorithms.anil.flax_anil_fns` splits them at
-    ``anil_head``.  MAML++ switches on all
+    ``anil_head``; Prototypical Networks need the ``model`` and ``make_loss``
+    (their prototypes become the head at ``anil_head``).  MAML++ switches on all
     its generic stabilisers: multi-step loss annealed over the first tenth of
     ``meta_steps``, learned per-layer per-step inner rates, first order for the
     first third, cosine annealing of the outer rate; ``mamlpp_per_step_bn`` adds
@@ -196,4 +212,10 @@ def make_learner(
         return imaml(loss_fn, inner_steps=inner_steps, inner_lr=inner_lr, lam=imaml_lam, cg_steps=imaml_cg_steps,
                      cg_damping=imaml_cg_damping, outer=optax.adam(outer_lr), has_aux=has_aux, chunk_size=chunk_size,
                      inner_optimizer=inner_optimizer)
+    if algo == "protonet":
+        if model is None or make_loss is None:
+            raise ConfigError("protonet needs the Flax model and make_loss (its linear head holds the prototypes)")
+        features_fn, head_loss_fn = flax_anil_fns(model, make_loss, head=anil_head)
+        return protonet(features_fn, head_loss_fn, head=anil_head, outer=optax.adam(outer_lr), has_aux=has_aux,
+                        chunk_size=chunk_size)
     raise ConfigError(f"unknown algorithm {algo!r}; choose from {', '.join(ALGORITHMS)}")

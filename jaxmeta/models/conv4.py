@@ -36,7 +36,7 @@ Two convolution implementations share one parameter layout (an HWIO kernel
 ``"auto"`` picks ``"patches"`` on the CPU and GPU backends, where it was
 measured faster (on an H200, the 5-way 1-shot second-order meta-step took
 2.9 ms against 8.6 ms with one inner step and 6.3 ms against 39.9 ms with
-five; see the README), and ``"native"`` elsewhere (TPU: not measured).
+five; see docs/benchmark.md, "The patches convolution on the GPU"), and ``"native"`` elsewhere (TPU: not measured).
 The choice also selects the 2x2 max-pool: an argmax-mask over reshaped windows
 for ``"patches"`` (faster than ``lax.reduce_window`` under vmap on CPU) and
 ``lax.reduce_window`` for ``"native"``; both pass gradients to the first

@@ -1,24 +1,7 @@
-"""The sinusoid toy of the MAML paper: MAML vs first-order MAML, Reptile and pre-training.
+"""The sinusoid pipeline: configuration, presets, training, evaluation, table and figures.
 
-    python -m experiments.sinusoid [--preset quick|paper|reference] [--algos maml,fomaml,reptile,pretrain] [--out DIR]
-                                   [--train-shots 5,10,20]
-
-Each algorithm meta-trains on the same budget (a 1-40-40-1 ReLU MLP, K = 10
-support and query points per task, meta-batch 25, one inner SGD step at lr
-0.01, Adam 1e-3 outside), then adapts on 600 fixed test tasks with K = 5, 10,
-20 points, scoring the mean squared error on 100 held-out points of each task
-after every inner step.  As in the MAML paper (§5.1: "we fine-tune a single
-meta-learned model on varying numbers of K examples"; Appendix B: trained on
-10-shot, evaluated on 5-, 10- and 20-shot), one model per algorithm scores
-every test K.  ``--train-shots`` instead trains one model per K in its list
-and scores each test K with the model trained at that K.  Writes
-``DIR/results.json``, ``DIR/toy_fit.png``, ``DIR/learning_curves.png`` and
-prints a table with 95% confidence intervals.
-
-Presets: ``paper`` (70,000 meta-steps, the paper's inner step size 0.01),
-``reference`` (the same with inner step size 0.001, the value the MAML
-reference code's sinusoid command runs with: its ``--update_lr`` default) and
-``quick`` (8,000 meta-steps).
+The launcher is :mod:`experiments.sinusoid`; it parses the flags and calls
+:func:`run_experiment`.
 """
 
 from __future__ import annotations
@@ -34,16 +17,9 @@ import numpy as np
 
 from jaxmeta import evaluate
 from jaxmeta.algorithms.registry import (
-    ALGORITHMS,
-    BASE_ALGORITHMS,
+    config_options,
     make_learner,
     spec,
-)
-from jaxmeta.cli import (
-    ArgumentParser,
-    choice_list,
-    run,
-    writable_dir,
 )
 from jaxmeta.config import NONNEGATIVE, POSITIVE, Config, option
 from jaxmeta.data import sinusoid
@@ -136,10 +112,13 @@ PRESETS = {
 
 
 def algo_inner(config: SinusoidConfig, algo: str) -> tuple[int, float]:
-    """The inner steps and learning rate an algorithm trains (and is evaluated) with."""
-    if algo == "reptile":
-        return config.reptile_inner_steps, config.reptile_inner_lr
-    return config.inner_steps, config.inner_lr
+    """The inner steps and learning rate an algorithm trains (and is evaluated) with.
+
+    A field named ``{algo}_inner_steps`` or ``{algo}_inner_lr`` (Reptile's)
+    replaces the shared ``inner_steps`` or ``inner_lr`` for that algorithm.
+    """
+    return (getattr(config, f"{algo}_inner_steps", config.inner_steps),
+            getattr(config, f"{algo}_inner_lr", config.inner_lr))
 
 
 @functools.lru_cache(maxsize=None)
@@ -150,17 +129,12 @@ def build_learner(config: SinusoidConfig, algo: str, inner_lr: float | None = No
     """
     model = MLP()
     inner_steps, trained_lr = algo_inner(config, algo)
+    options = {**config_options(config), "inner_steps": inner_steps,
+               "inner_lr": trained_lr if inner_lr is None else inner_lr}
     return make_learner(
         algo,
         regression_loss(model),
-        inner_steps=inner_steps,
-        inner_lr=trained_lr if inner_lr is None else inner_lr,
-        outer_lr=config.outer_lr,
-        meta_steps=config.meta_steps,
-        reptile_epsilon=config.reptile_epsilon,
-        imaml_lam=config.imaml_lam,
-        imaml_cg_steps=config.imaml_cg_steps,
-        imaml_cg_damping=config.imaml_cg_damping,
+        **options,
         model=model,
         make_loss=regression_loss,
         anil_head=ANIL_HEAD,
@@ -383,34 +357,3 @@ def plot_toy_fit(
         ax.legend(fontsize=8)
     fig.tight_layout()
     save_figure(fig, path, dpi=120)
-
-
-def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="python -m experiments.sinusoid", description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="paper")
-    parser.add_argument("--algos", type=choice_list(ALGORITHMS), default=BASE_ALGORITHMS,
-                        help="comma-separated subset of " + ",".join(ALGORITHMS) + " (default: the first four)")
-    parser.add_argument("--out", default="runs/sinusoid", help="output directory")
-    SinusoidConfig.add_flags(parser)
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the runs in --out (finished ones are only re-evaluated)")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
-    overrides = SinusoidConfig.flag_values(args)
-    if args.shots is not None and args.train_shots:
-        raise ConfigError("give --shots (one model for every test K) or --train-shots (one model per K), not both")
-    config = dataclasses.replace(PRESETS[args.preset], **overrides)
-    config.validate()
-    out_dir = writable_dir(args.out)
-    results = run_experiment(config, args.algos, out_dir, progress=not args.no_progress, resume=args.resume)
-    print(format_table(results))
-    print(f"wall time {results['wall_seconds']:.1f} s; results in {out_dir}/results.json")
-    return results
-
-
-if __name__ == "__main__":
-    run(main)
