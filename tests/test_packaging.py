@@ -1,9 +1,9 @@
-"""The light core: ``pip install jaxmeta`` alone runs the README's API example, and the experiments
-say in one line which extra they need.
+"""The package: ``python -m build`` makes an sdist and a wheel that ``twine check`` passes, the wheel
+holds ``jaxmeta`` alone, and installed alone in a fresh virtual environment it runs the README's API
+example; the experiments, run from the checkout, say in one line which extra they need.
 
-This installs the package into a fresh virtual environment from the package registries (what CI
-allows), so it is the slowest kind of test that still needs no data: about 30 s on the 2-core CPU
-with the wheels at hand.
+The build and the install reach the package registries (what CI allows), so this is the slowest kind
+of test that still needs no data: about a minute on the 2-core CPU with the wheels at hand.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
+import zipfile
 
 import pytest
 from conftest import OMNIGLOT_DIR, REPO_ROOT
@@ -21,17 +23,53 @@ EXTRAS_ONLY = ("tensorflow", "tensorflow_datasets", "matplotlib", "sacrebleu", "
 
 
 @pytest.fixture(scope="module")
-def core(tmp_path_factory) -> tuple:
-    """``(python, source)``: a fresh virtual environment with the core alone installed from a copy of the checkout."""
-    root = tmp_path_factory.mktemp("core")
+def dist(tmp_path_factory) -> tuple:
+    """``(source, dist)``: a copy of the checkout and the sdist and wheel ``python -m build`` made from it."""
+    root = tmp_path_factory.mktemp("dist")
     source = root / "src"
     shutil.copytree(REPO_ROOT, source, ignore=shutil.ignore_patterns(
-        ".git", ".venv", "venv", "runs", "build", "*.egg-info", "__pycache__", ".pytest_cache", ".ruff_cache"))
+        ".git", ".venv", "venv", "runs", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache",
+        ".ruff_cache", "_build"))
+    out = root / "dist"
+    subprocess.run([sys.executable, "-m", "build", "--outdir", str(out), str(source)], check=True, timeout=900,
+                   stdout=subprocess.DEVNULL)
+    return source, out
+
+
+@pytest.fixture(scope="module")
+def core(dist, tmp_path_factory) -> tuple:
+    """``(python, source)``: a fresh virtual environment with the built wheel alone installed (and its core)."""
+    source, out = dist
+    root = tmp_path_factory.mktemp("core")
     subprocess.run([sys.executable, "-m", "venv", str(root / "venv")], check=True)
     python = root / "venv" / "bin" / "python"
-    subprocess.run([str(python), "-m", "pip", "install", "-q", str(source)], check=True, timeout=1800,
+    (wheel,) = out.glob("jaxmeta-*.whl")
+    subprocess.run([str(python), "-m", "pip", "install", "-q", str(wheel)], check=True, timeout=1800,
                    stdout=subprocess.DEVNULL)
     return python, source
+
+
+def test_the_sdist_and_the_wheel_pass_twine_and_the_wheel_holds_jaxmeta_alone(dist):
+    _, out = dist
+    (wheel,) = out.glob("jaxmeta-*.whl")
+    (sdist,) = out.glob("jaxmeta-*.tar.gz")
+    checked = subprocess.run([sys.executable, "-m", "twine", "check", "--strict", str(wheel), str(sdist)],
+                             capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    import jaxmeta
+
+    assert wheel.name == f"jaxmeta-{jaxmeta.__version__}-py3-none-any.whl"  # the version's one place
+    with zipfile.ZipFile(wheel) as z:
+        tops = {name.split("/")[0] for name in z.namelist()}
+        metadata = z.read(f"jaxmeta-{jaxmeta.__version__}.dist-info/METADATA").decode()
+    assert tops == {"jaxmeta", f"jaxmeta-{jaxmeta.__version__}.dist-info"}
+    assert "License-Expression: Apache-2.0" in metadata and "Description-Content-Type: text/markdown" in metadata
+    extras = set(re.findall(r"^Provides-Extra: (\S+)$", metadata, flags=re.M))
+    assert extras == {"omniglot", "miniimagenet", "translation", "plots", "experiments", "docs", "test", "torch"}
+    with tarfile.open(sdist) as t:
+        names = {name.split("/", 1)[1] for name in t.getnames() if "/" in name}
+    assert {"README.md", "LICENSE", "CHANGELOG.md", "pyproject.toml", "jaxmeta/__init__.py"} <= names
+    assert not any(name.startswith(("experiments/", "tests/", "results/")) for name in names)
 
 
 def test_the_core_installs_alone_and_runs_the_readme_example(core, tmp_path):

@@ -23,7 +23,7 @@ def test_readme_api_example_runs_and_learns():
 
 
 def test_the_omniglot_table_is_generated_from_the_committed_records():
-    """docs/results/omniglot.md and the README's Omniglot table are `table --results results/omniglot`'s output."""
+    """docs/results/omniglot.md is `table --results results/omniglot`'s output, and the Omniglot page shows that file."""
     from experiments.fewshot.records import read_records, results_table
     from experiments.omniglot import PAPER_RESULTS
 
@@ -31,6 +31,33 @@ def test_the_omniglot_table_is_generated_from_the_committed_records():
     assert records, "no committed Omniglot result record"
     table = results_table(records, PAPER_RESULTS)
     assert (REPO_ROOT / "docs" / "results" / "omniglot.md").read_text() == table
-    assert table in (REPO_ROOT / "README.md").read_text()
+    page = (REPO_ROOT / "docs" / "omniglot.md").read_text()
+    assert "```{include} results/omniglot.md\n```" in page  # shown as generated, never copied by hand
+    assert "| setting | algorithm | test accuracy |" not in page
     for record in records:  # every record names the data it was measured on and how long it trained
         assert record["data"]["digest"] and record["meta_steps"] > 0 and record["tasks"] >= 100
+
+
+def test_the_front_page_is_short_and_keeps_its_two_commands():
+    text = (REPO_ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 250
+    ci = (REPO_ROOT / ".ci" / "run").read_text()
+    test_command = next(line for line in ci.splitlines() if line.startswith("python3 -m venv"))
+    assert f"```bash\n{test_command.replace(' -q -e', ' -e')}\n```" in text  # what CI runs (its pip is quiet)
+    assert "experiments.omniglot train --ways 5 --shots 1 --algo maml --preset cpu" in text
+
+
+def test_every_number_on_the_front_page_links_to_where_it_was_measured():
+    """Outside code, the command table and the install table, a figure with a decimal point, a %, a ×
+    or a unit is the text of a link into docs/ (the anchors themselves are checked by tests/test_docs.py)."""
+    text = (REPO_ROOT / "README.md").read_text()
+    prose = re.sub(r"```.*?```", "", text, flags=re.S)
+    prose = re.sub(r"`[^`]*`", "", prose)
+    prose = re.sub(r"\[arXiv:[^\]]*\]\(https?://[^)]*\)", "", prose)  # the papers
+    prose = prose.replace("95% CI", "").replace("Apache-2.0", "")  # a definition and a name, not measurements
+    unlinked = re.sub(r"\[[^\]]*\]\((?:docs/|CHANGELOG|LICENSE)[^)]*\)", "", prose)
+    measured = re.compile(r"\d+(?:\.\d+)?\s*(?:%|×|ms|MB|GB|s\b|minutes)|\d+\.\d+")
+    allowed = {"98.7 ± 0.4", "98.90 ± 0.10", "2.2–2.4", "0.67 / 0.38 / 0.35"}  # the papers' figures, cited
+    for figure in allowed:
+        unlinked = unlinked.replace(figure, "")
+    assert not measured.findall(unlinked), measured.findall(unlinked)

@@ -235,8 +235,8 @@ def language_arrays(pair_lists: Sequence[Sequence[tuple[str, str]]], max_len: in
     """Languages stacked for the on-device sampler (pairs longer than ``max_len`` left out).
 
     Returns:
-      ``{"source": [langs, n, max_len], "target": [langs, n, max_len + 1],
-      "count": [langs]}`` with ``n`` the largest language's count (the rest is padding).
+      ``{"source": [langs, n, max_len], "target": [langs, n, max_len + 1], "count": [langs]}``
+      with ``n`` the largest language's count (the rest is padding).
     """
     kept = [[p for p in pairs if fits(p, max_len)] for pairs in pair_lists]
     for pairs in kept:
