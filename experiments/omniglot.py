@@ -28,19 +28,21 @@ def reptile_paper(ways: int, shots: int) -> dict:
     return {**protocol, "val_every": 5_000, "checkpoint_every": 5_000}
 
 
-def protonet_cpu(ways: int, shots: int) -> dict:
-    """Prototypical Networks on the CPU: 5 query examples per class (Snell et al.'s training episodes) and
-    480 images per meta-step at 5-way and 20-way alike (16 or 4 tasks), 10,000 meta-steps.
+def amortized_cpu(ways: int, shots: int) -> dict:
+    """Learners without an inner loop (Prototypical Networks, the in-context learner) on the CPU: 5 query
+    examples per class (Snell et al.'s training episodes) and 480 images per meta-step at 5-way and 20-way
+    alike (16 or 4 tasks), 10,000 meta-steps.
 
-    No inner loop, so no test inner steps: the prototypes are the adaptation.
+    No test inner steps: computing the prototypes, or reading the support set, is the adaptation.
     """
     return dict(meta_batch=16 if ways <= 5 else 4, queries=5, inner_steps=1, inner_lr=0.4, test_inner_steps=0,
                 meta_steps=10_000, val_every=1_000, checkpoint_every=500)
 
 
-OWN_PRESETS = {"reptile": {"paper": reptile_paper}, "protonet": {"cpu": protonet_cpu}}
+OWN_PRESETS = {"reptile": {"paper": reptile_paper}, "protonet": {"cpu": amortized_cpu},
+               "blackbox": {"cpu": amortized_cpu}}
 """Presets an algorithm has of its own: Reptile's paper has its own Omniglot protocol (``paper`` follows
-it), and Prototypical Networks train on more query examples (``cpu``)."""
+it); the learners without an inner loop train on more query examples (``cpu``)."""
 
 
 def preset(name: str, ways: int, shots: int, algo: str = "maml") -> dict:

@@ -2,14 +2,15 @@
 
 Learners of pure functions over one inner loop (:func:`inner_adapt`): MAML
 with the exact second-order meta-gradient, first-order MAML, Reptile, the
-pre-training baseline, Meta-SGD, ANIL, MAML++, iMAML and Prototypical
-Networks, each a :class:`MetaLearner` ``(init, step, adapt)`` in the optax
+pre-training baseline, Meta-SGD, ANIL, MAML++, iMAML, Prototypical
+Networks and an in-context (black-box) learner, each a :class:`MetaLearner` ``(init, step, adapt)`` in the optax
 style; :func:`evaluate` scores any of them through its own ``adapt``.
 """
 
 from jaxmeta.algorithms import MetaLearner
 from jaxmeta.algorithms import MetaState
 from jaxmeta.algorithms import anil
+from jaxmeta.algorithms import blackbox
 from jaxmeta.algorithms import flax_anil_fns
 from jaxmeta.algorithms import fomaml
 from jaxmeta.algorithms import head_only_lr
@@ -39,6 +40,7 @@ __all__ = [
     "Task",
     "adapt_and_observe",
     "anil",
+    "blackbox",
     "evaluate",
     "flax_anil_fns",
     "fomaml",

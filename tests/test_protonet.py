@@ -38,7 +38,7 @@ def test_prototype_head_logits_are_negative_squared_distances_up_to_a_per_exampl
 def _toy():
     """A linear embedding with a Dense head's layout: params, features_fn, loss and one batch of two tasks."""
     features = lambda body, x: jnp.tanh(x @ body["embed"])  # noqa: E731
-    loss = classification_loss(DenseHead("head"))
+    loss = anil_loss_fn(features, classification_loss(DenseHead("head")), head="head")  # the whole model's loss
     params = {"embed": jax.random.normal(jax.random.PRNGKey(1), (6, 4)),
               "head": {"kernel": jnp.zeros((4, 3)), "bias": jnp.zeros(3)}}
     kx, kq = jax.random.split(jax.random.PRNGKey(2))
@@ -77,8 +77,7 @@ def test_adapt_is_the_prototypes_for_every_step_count_and_evaluate_scores_them()
     head = prototype_head(features(params, support[0]), support[1], 3)
     np.testing.assert_allclose(adapted["head"]["kernel"], head["kernel"], rtol=1e-6)
     np.testing.assert_array_equal(adapted["embed"], params["embed"])
-    model_loss = anil_loss_fn(features, loss, head="head")  # the whole model's loss on (x, y)
-    result = evaluate(learner, params, tasks, steps=4, loss_fn=model_loss, has_aux=True)
+    result = evaluate(learner, params, tasks, steps=4, loss_fn=loss, has_aux=True)
     curve = np.asarray(result.mean["accuracy"])
     assert curve.shape == (5,) and np.all(curve == curve[0])
     # The same accuracy computed from distances by hand:

@@ -36,7 +36,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxmeta.algorithms.registry import ALGORITHMS, make_learner, spec
+from jaxmeta.algorithms.registry import ALGORITHMS, learner_model, make_learner, spec
 from jaxmeta.config import NONNEGATIVE, POSITIVE, Config, option
 from jaxmeta.models.conv4 import CONV_IMPLS
 from jaxmeta.distributed import device_description
@@ -216,7 +216,7 @@ def build_problem(config: BenchConfig) -> BenchProblem:
         from jaxmeta.data.episodes import sample_tasks
         from jaxmeta.models import classification_loss, conv4_omniglot
 
-        model = conv4_omniglot(config.ways, conv_impl=config.conv_impl)
+        model = learner_model(config.algo, conv4_omniglot(config.ways, conv_impl=config.conv_impl))
         make_loss, head = classification_loss, "head"
         loss_fn, has_aux = classification_loss(model), True
         params = model.init(init_key, jnp.zeros((1, 28, 28, 1)))["params"]

@@ -29,7 +29,14 @@ import numpy as np
 import optax
 
 from jaxmeta import checkpoint as ckpt
-from jaxmeta.algorithms.registry import ALGORITHMS, check_protocol, config_options, make_learner, spec
+from jaxmeta.algorithms.registry import (
+    ALGORITHMS,
+    check_protocol,
+    config_options,
+    learner_model,
+    make_learner,
+    spec,
+)
 from jaxmeta.config import NONNEGATIVE, POSITIVE, Config, option
 from jaxmeta.data import episodes, provenance
 from jaxmeta.distributed import check_meta_batch, machine_name, task_mesh
@@ -299,7 +306,7 @@ def algo_defaults(config: FewShotConfig, explicit: set[str]) -> FewShotConfig:
 
 def build(config: FewShotConfig):
     """``(model, loss_fn, learner)`` for a configuration."""
-    model = DATASETS[config.dataset].model(config.ways, config.conv_impl)
+    model = learner_model(config.algo, DATASETS[config.dataset].model(config.ways, config.conv_impl))
     loss_fn = classification_loss(model)
     learner = make_learner(
         config.algo,

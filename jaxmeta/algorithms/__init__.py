@@ -7,6 +7,9 @@ from jaxmeta.algorithms.base import Adapt
 from jaxmeta.algorithms.base import Adaptation
 from jaxmeta.algorithms.base import MetaLearner
 from jaxmeta.algorithms.base import MetaState
+from jaxmeta.algorithms.base import amortized
+from jaxmeta.algorithms.blackbox import blackbox
+from jaxmeta.algorithms.blackbox import in_context_model
 from jaxmeta.algorithms.base import gradient_adapt
 from jaxmeta.algorithms.imaml import conjugate_gradient
 from jaxmeta.algorithms.imaml import imaml
@@ -30,7 +33,9 @@ __all__ = [
     "Adaptation",
     "MetaLearner",
     "MetaState",
+    "amortized",
     "anil",
+    "blackbox",
     "conjugate_gradient",
     "flax_anil_fns",
     "fomaml",
@@ -38,6 +43,7 @@ __all__ = [
     "head_only_lr",
     "imaml",
     "imaml_gradient",
+    "in_context_model",
     "maml",
     "maml_loss",
     "maml_objective",

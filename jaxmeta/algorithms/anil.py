@@ -48,7 +48,7 @@ from jaxmeta.algorithms.base import (
     Adaptation,
     MetaLearner,
     MetaState,
-    apply_outer,
+    descend,
     gradient_adapt,
     init_state,
     mean_metrics,
@@ -382,10 +382,7 @@ def anil(
         head_split(head).split(params)  # fail early on a wrong head name
         return init_state(outer, params)
 
-    def step(state: MetaState, tasks: Task):
-        (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params, tasks)
-        metrics = {"loss": loss, **metrics, "grad_norm": optax.tree.norm(grads)}
-        return apply_outer(outer, state, grads), metrics
+    step = descend(outer, objective)
 
     rule = lambda params: Adaptation(params, head_only_lr(params, inner_lr, head=head))  # noqa: E731
     adapt = gradient_adapt(anil_loss_fn(features_fn, head_loss_fn, head=head), rule, has_aux=has_aux)

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxmeta.inner import LossFn, adapt_with_state, loss_value, task_schedule
+from jaxmeta.tasks import map_tasks
 from jaxmeta.types import Batch, Params, PyTree, Task
 
 
@@ -102,6 +103,67 @@ def gradient_adapt(loss_fn: LossFn, rule: Callable[[PyTree], Adaptation], *, has
         return adapted if observe is None else (adapted, seen)
 
     return adapt
+
+
+def amortized(rule: Callable[[Params, Batch], Params], loss_fn: LossFn, *, outer: optax.GradientTransformation,
+              has_aux: bool = False, chunk_size: int | None = None) -> MetaLearner:
+    """A learner whose adaptation is one differentiable function of the support set, with no inner steps.
+
+    Prototypical Networks (the prototypes become the head) and the in-context
+    learner (the support set becomes the model's context) are such learners:
+    ``rule(params, support)`` returns adapted parameters, ``step`` minimises
+    the query loss of ``rule``'s output over the task batch, and ``adapt``
+    is ``rule`` (every step count observes the same adapted parameters).
+
+    Args:
+      rule: ``rule(meta_params, support) -> adapted params``, differentiable in ``meta_params``.
+      loss_fn: ``loss_fn(adapted, (x, y))`` (scalar, or ``(scalar, aux)`` with ``has_aux``).
+      outer: the optax optimiser of the meta-parameters.
+      has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+      chunk_size: tasks per chunk (``None``: all tasks in one ``vmap``).
+
+    Returns:
+      A :class:`MetaLearner`; ``step`` metrics ``loss``, ``query_loss_post``
+      (and aux values) and ``grad_norm``.
+    """
+
+    def task_loss(params: Params, task: Task):
+        loss, aux = loss_value(loss_fn, rule(params, task.support), task.query, has_aux=has_aux)
+        return loss, {f"query_{k}_post": v for k, v in {"loss": loss, **aux}.items()}
+
+    def objective(params: Params, tasks: Task):
+        losses, metrics = map_tasks(lambda task: task_loss(params, task), tasks, chunk_size)
+        return losses.mean(), mean_metrics(metrics)
+
+    def init(params: Params) -> MetaState:
+        return init_state(outer, params)
+
+    step = descend(outer, objective)
+
+    def adapt(state, support, *, steps, key=None, observe=None):
+        del key
+        adapted = rule(meta_params(state), support)
+        if observe is None:
+            return adapted
+        seen = observe(adapted)
+        return adapted, jax.tree.map(lambda v: jnp.broadcast_to(v, (steps + 1, *jnp.shape(v))), seen)
+
+    return MetaLearner(init, step, adapt)
+
+
+def descend(outer: optax.GradientTransformation,
+            objective: Callable[[Params, Task], tuple[jax.Array, dict[str, jax.Array]]]) -> Callable:
+    """``step(state, tasks)``: one ``outer`` update down the gradient of ``objective(params, tasks) -> (loss, metrics)``.
+
+    The step's metrics are ``loss``, the objective's metrics and ``grad_norm``.
+    """
+
+    def step(state: MetaState, tasks: Task):
+        (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params, tasks)
+        metrics = {"loss": loss, **metrics, "grad_norm": optax.tree.norm(grads)}
+        return apply_outer(outer, state, grads), metrics
+
+    return step
 
 
 def init_state(outer: optax.GradientTransformation, params: Params) -> MetaState:

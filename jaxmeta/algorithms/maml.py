@@ -11,7 +11,7 @@ from jaxmeta.algorithms.base import (
     Adaptation,
     MetaLearner,
     MetaState,
-    apply_outer,
+    descend,
     gradient_adapt,
     init_state,
     mean_metrics,
@@ -192,10 +192,7 @@ def maml(
     def init(params: Params) -> MetaState:
         return init_state(outer, params)
 
-    def step(state: MetaState, tasks: Task):
-        (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params, tasks)
-        metrics = {"loss": loss, **metrics, "grad_norm": optax.tree.norm(grads)}
-        return apply_outer(outer, state, grads), metrics
+    step = descend(outer, objective)
 
     rule = lambda params: Adaptation(params, inner_lr, optimizer=inner_optimizer)  # noqa: E731
     return MetaLearner(init, step, gradient_adapt(loss_fn, rule, has_aux=has_aux))

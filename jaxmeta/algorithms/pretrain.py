@@ -10,7 +10,7 @@ from jaxmeta.algorithms.base import (
     Adaptation,
     MetaLearner,
     MetaState,
-    apply_outer,
+    descend,
     gradient_adapt,
     init_state,
     mean_metrics,
@@ -74,13 +74,8 @@ def pretrain(
     def init(params: Params) -> MetaState:
         return init_state(optimizer, params)
 
-    def step(state: MetaState, tasks: Task):
-        (loss, metrics), grads = jax.value_and_grad(
-            lambda p: pretrain_loss(loss_fn, p, tasks, has_aux=has_aux, chunk_size=chunk_size),
-            has_aux=True,
-        )(state.params)
-        metrics = {"loss": loss, **metrics, "grad_norm": optax.tree.norm(grads)}
-        return apply_outer(optimizer, state, grads), metrics
+    step = descend(optimizer, lambda p, tasks: pretrain_loss(loss_fn, p, tasks, has_aux=has_aux,
+                                                            chunk_size=chunk_size))
 
     rule = lambda params: Adaptation(params, finetune_lr, optimizer=finetune_optimizer)  # noqa: E731
     return MetaLearner(init, step, gradient_adapt(loss_fn, rule, has_aux=has_aux))

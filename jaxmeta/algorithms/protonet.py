@@ -29,10 +29,9 @@ import jax.numpy as jnp
 import optax
 
 from jaxmeta.algorithms.anil import FeaturesFn, head_split
-from jaxmeta.algorithms.base import MetaLearner, MetaState, apply_outer, init_state, mean_metrics, meta_params
-from jaxmeta.inner import LossFn, loss_value
-from jaxmeta.tasks import map_tasks
-from jaxmeta.types import Batch, Params, Task
+from jaxmeta.algorithms.base import MetaLearner, amortized
+from jaxmeta.inner import LossFn
+from jaxmeta.types import Batch, Params
 
 
 def prototypes(features: jax.Array, labels: jax.Array, ways: int) -> jax.Array:
@@ -63,7 +62,7 @@ def prototype_head(features: jax.Array, labels: jax.Array, ways: int) -> dict[st
 
 def protonet(
     features_fn: FeaturesFn,
-    head_loss_fn: LossFn,
+    loss_fn: LossFn,
     *,
     head: str = "head",
     outer: optax.GradientTransformation,
@@ -74,76 +73,43 @@ def protonet(
 
     Args:
       features_fn: ``features_fn(body_params, x) -> [N, dim]`` embeddings, e.g.
-        from :func:`~jaxmeta.algorithms.anil.flax_anil_fns`.
-      head_loss_fn: ``head_loss_fn(head_params, (features, y))`` for the
-        model's ``nn.Dense`` head (``{head: {"kernel", "bias"}}``), with
-        integer labels ``y``.
+        :func:`~jaxmeta.algorithms.anil.flax_features`.
+      loss_fn: the whole model's ``loss_fn(params, (x, y))`` with integer
+        labels ``y``, e.g. ``classification_loss(model)``; its head is the
+        ``nn.Dense`` at ``head``.
       head: the top-level key of the head's parameters (``"head"`` for
         :class:`~jaxmeta.models.Conv4`); its bias gives the number of ways.
       outer: the optax optimiser of the body (the paper: Adam 1e-3).
-      has_aux: whether ``head_loss_fn`` returns ``(loss, aux)``.
+      has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
       chunk_size: tasks per chunk (``None``: all tasks in one ``vmap``).
 
     Returns:
-      A :class:`~jaxmeta.MetaLearner` whose state holds the full model
-      parameters (the head's own weights are never trained: ``adapt``
-      replaces them with the prototypes).  ``adapt(state, support, steps=S)``
-      returns the parameters with the prototype head; it takes no gradient
-      steps, so with ``observe`` every one of the ``S + 1`` entries is the
-      same.  ``step`` metrics: ``loss``, ``query_loss_post`` (and aux values)
-      and ``grad_norm``.
+      A :class:`~jaxmeta.MetaLearner` (:func:`~jaxmeta.algorithms.base.amortized`)
+      whose state holds the full model parameters (the head's own weights are
+      never trained: ``adapt`` replaces them with the prototypes).
+      ``adapt(state, support, steps=S)`` returns the parameters with the
+      prototype head; it takes no gradient steps, so with ``observe`` every
+      one of the ``S + 1`` entries is the same.
 
     Examples:
-      >>> import jax, jax.numpy as jnp, optax
-      >>> from jaxmeta import Task
-      >>> from jaxmeta.algorithms.anil import DenseHead
+      >>> import jax.numpy as jnp, optax
+      >>> from jaxmeta.algorithms.anil import DenseHead, anil_loss_fn
       >>> from jaxmeta.models import classification_loss
       >>> features = lambda body, x: x @ body["embed"]
-      >>> learner = protonet(features, classification_loss(DenseHead("head")), outer=optax.adam(1e-2),
-      ...                    has_aux=True)
+      >>> loss = anil_loss_fn(features, classification_loss(DenseHead("head")), head="head")
+      >>> learner = protonet(features, loss, outer=optax.adam(1e-2), has_aux=True)
       >>> params = {"embed": jnp.eye(2), "head": {"kernel": jnp.zeros((2, 2)), "bias": jnp.zeros(2)}}
       >>> support = (jnp.array([[1.0, 0.0], [0.0, 1.0]]), jnp.array([0, 1]))
       >>> adapted = learner.adapt(learner.init(params), support, steps=0)
-      >>> (jnp.array([[0.9, 0.2]]) @ adapted["head"]["kernel"] + adapted["head"]["bias"]).argmax(-1).tolist()
-      [0]
+      >>> loss(adapted, (jnp.array([[0.9, 0.2], [0.1, 0.8]]), jnp.array([0, 1])))[1]["accuracy"].item()
+      1.0
     """
     split, merge = head_split(head)
 
-    def ways_of(params: Params) -> int:
-        return split(params)[1][head]["bias"].shape[-1]
-
-    def adapted_params(params: Params, support: Batch) -> Params:
-        body, _ = split(params)
+    def rule(params: Params, support: Batch) -> Params:
+        body, head_params = split(params)
         x, y = support
-        return merge(body, {head: prototype_head(features_fn(body, x), y, ways_of(params))})
+        ways = head_params[head]["bias"].shape[-1]
+        return merge(body, {head: prototype_head(features_fn(body, x), y, ways)})
 
-    def task_loss(params: Params, task: Task):
-        body, _ = split(params)
-        x, y = task.support
-        head_params = {head: prototype_head(features_fn(body, x), y, ways_of(params))}
-        xq, yq = task.query
-        loss, aux = loss_value(head_loss_fn, head_params, (features_fn(body, xq), yq), has_aux=has_aux)
-        return loss, {f"query_{k}_post": v for k, v in {"loss": loss, **aux}.items()}
-
-    def objective(params: Params, tasks: Task):
-        losses, metrics = map_tasks(lambda task: task_loss(params, task), tasks, chunk_size)
-        return losses.mean(), mean_metrics(metrics)
-
-    def init(params: Params) -> MetaState:
-        ways_of(params)  # fail early on a wrong head name
-        return init_state(outer, params)
-
-    def step(state: MetaState, tasks: Task):
-        (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params, tasks)
-        metrics = {"loss": loss, **metrics, "grad_norm": optax.tree.norm(grads)}
-        return apply_outer(outer, state, grads), metrics
-
-    def adapt(state, support, *, steps, key=None, observe=None):
-        del key
-        adapted = adapted_params(meta_params(state), support)
-        if observe is None:
-            return adapted
-        seen = observe(adapted)
-        return adapted, jax.tree.map(lambda v: jnp.broadcast_to(v, (steps + 1, *jnp.shape(v))), seen)
-
-    return MetaLearner(init, step, adapt)
+    return amortized(rule, loss_fn, outer=outer, has_aux=has_aux, chunk_size=chunk_size)

@@ -8,13 +8,14 @@ own), so that no pipeline tests an algorithm's name.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Any, Callable
 
 import flax.linen as nn
 import optax
 
-from jaxmeta.algorithms.anil import anil, flax_anil_fns
+from jaxmeta.algorithms.anil import anil, flax_anil_fns, flax_features
 from jaxmeta.algorithms.base import MetaLearner
+from jaxmeta.algorithms.blackbox import blackbox, in_context_model
 from jaxmeta.algorithms.imaml import imaml
 from jaxmeta.algorithms.maml import maml
 from jaxmeta.algorithms.mamlpp import mamlpp
@@ -48,6 +49,8 @@ class AlgorithmSpec:
     """Fewer training inner steps make it another algorithm (Reptile with one step is joint training)."""
     classification_only: bool = False
     """It needs classes (prototypes, label inputs): no regression task such as the sinusoid."""
+    model: Callable[[nn.Module], Any] | None = None
+    """Builds the model it trains from the task's classifier (:func:`learner_model`); ``None``: that classifier."""
 
 
 ALGORITHM_SPECS = {
@@ -61,6 +64,8 @@ ALGORITHM_SPECS = {
     "mamlpp": AlgorithmSpec("MAML++", second_order=True, remat=True, protocol=("per_step_bn",)),
     "imaml": AlgorithmSpec("iMAML", inner_optimizer=True),
     "protonet": AlgorithmSpec("Prototypical Networks", inner_loop=False, classification_only=True),
+    "blackbox": AlgorithmSpec("in-context learner", inner_loop=False, classification_only=True,
+                              model=in_context_model),
 }
 """Every algorithm :func:`make_learner` builds, in the order tables list them."""
 
@@ -74,6 +79,12 @@ def spec(algo: str) -> AlgorithmSpec:
     if algo not in ALGORITHM_SPECS:
         raise ConfigError(f"unknown algorithm {algo!r}; choose from {', '.join(ALGORITHMS)}")
     return ALGORITHM_SPECS[algo]
+
+
+def learner_model(algo: str, model: nn.Module) -> Any:
+    """The model ``algo`` trains for a task whose classifier is ``model`` (the in-context learner wraps it)."""
+    wrap = spec(algo).model
+    return model if wrap is None else wrap(model)
 
 
 def check_protocol(algo: str, switches: dict[str, bool]) -> None:
@@ -135,8 +146,8 @@ def make_learner(
     ``anil_fns=(features_fn, head_loss_fn)``, or the Flax ``model`` and the
     ``make_loss`` that made ``loss_fn`` (e.g. ``classification_loss``), from
     which :func:`~jaxmeta.algorithms.anil.flax_anil_fns` splits them at
-    ``anil_head``; Prototypical Networks need the ``model`` and ``make_loss``
-    (their prototypes become the head at ``anil_head``).  MAML++ switches on all
+    ``anil_head``; Prototypical Networks need the ``model`` (their prototypes
+    become its head at ``anil_head``).  MAML++ switches on all
     its generic stabilisers: multi-step loss annealed over the first tenth of
     ``meta_steps``, learned per-layer per-step inner rates, first order for the
     first third, cosine annealing of the outer rate; ``mamlpp_per_step_bn`` adds
@@ -213,9 +224,10 @@ def make_learner(
                      cg_damping=imaml_cg_damping, outer=optax.adam(outer_lr), has_aux=has_aux, chunk_size=chunk_size,
                      inner_optimizer=inner_optimizer)
     if algo == "protonet":
-        if model is None or make_loss is None:
-            raise ConfigError("protonet needs the Flax model and make_loss (its linear head holds the prototypes)")
-        features_fn, head_loss_fn = flax_anil_fns(model, make_loss, head=anil_head)
-        return protonet(features_fn, head_loss_fn, head=anil_head, outer=optax.adam(outer_lr), has_aux=has_aux,
-                        chunk_size=chunk_size)
+        if model is None:
+            raise ConfigError("protonet needs the Flax model (its linear head holds the prototypes)")
+        return protonet(flax_features(model, head=anil_head), loss_fn, head=anil_head, outer=optax.adam(outer_lr),
+                        has_aux=has_aux, chunk_size=chunk_size)
+    if algo == "blackbox":
+        return blackbox(loss_fn, outer=optax.adam(outer_lr), has_aux=has_aux, chunk_size=chunk_size)
     raise ConfigError(f"unknown algorithm {algo!r}; choose from {', '.join(ALGORITHMS)}")
