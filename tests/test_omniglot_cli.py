@@ -345,3 +345,19 @@ def test_gpu_table_script_trains_evaluates_and_records_on_the_cpu(tmp_path, env)
     assert record["meta_steps"] == 20 and record["tasks"] == 50 and record["paper_meta_steps"] == 60_000
     assert "CPU cores" in record["machine"]  # the machine's own name (a GPU's on a lent GPU)
     assert "| 5-way 1-shot | MAML |" in proc.stdout and "| 20 of 60,000 (0.033%) | `quick` |" in proc.stdout
+
+
+def test_evaluation_chunks_bound_the_images_in_flight():
+    """A non-transductive 20-way task scores 300 queries each with the 20 support images; 50 such tasks
+    at once took more than 24 GB (the evaluation was killed), so fewer go at once. Chunking changes no
+    number: each task is adapted and scored on its own."""
+    from experiments.fewshot import pipeline as fewshot
+
+    def chunk(ways, shots, mode):
+        config = fewshot.FewShotConfig(dataset="omniglot", ways=ways, shots=shots, eval_mode=mode)
+        per_task = ways * shots + ways * config.test_queries * (ways * shots + 1 if mode == "non-transductive" else 1)
+        return fewshot.eval_chunk(config), per_task
+
+    assert chunk(5, 1, "transductive")[0] == chunk(5, 1, "non-transductive")[0] == 50  # as before
+    tasks, per_task = chunk(20, 1, "non-transductive")
+    assert tasks < 50 and tasks * per_task <= fewshot.EVAL_IMAGES < (tasks + 1) * per_task

@@ -385,10 +385,29 @@ def query_score(config: FewShotConfig, probabilities: bool = False):
     return non_transductive_classification_score(model, probabilities=probabilities)
 
 
+EVAL_IMAGES = 25_000
+"""Images one evaluation chunk may put through the network at once (:func:`eval_chunk`)."""
+
+
+def eval_chunk(config: FewShotConfig) -> int:
+    """Tasks adapted and scored at once: 50, or fewer when a task's scored images are many.
+
+    A non-transductive task scores each query example in a batch with the
+    whole support set, so a 20-way 1-shot task with 15 queries per class puts
+    300 x 21 images through the network; 50 such tasks at once took more than
+    24 GB. Chunking changes no number: every task is adapted and scored alone.
+    """
+    support = config.ways * config.shots
+    queries = config.ways * config.test_queries
+    scored = queries * (support + 1) if config.eval_mode == "non-transductive" else queries
+    return max(1, min(50, EVAL_IMAGES // (support + scored)))
+
+
 def _evaluate(config: FewShotConfig, loss_fn, meta_params, tasks, steps: int, *, probabilities: bool = False):
     score_fn = query_score(config, probabilities)
     return evaluate(learner_of(config), meta_params, tasks, steps=steps, loss_fn=None if score_fn else loss_fn,
-                    has_aux=True, query_score=score_fn, key=jax.random.PRNGKey(config.seed))
+                    has_aux=True, query_score=score_fn, key=jax.random.PRNGKey(config.seed),
+                    chunk_size=eval_chunk(config))
 
 
 def ensemble_score(config: FewShotConfig, loss_fn, members: Sequence, tasks, steps: int) -> dict:
