@@ -141,6 +141,7 @@ def test_bad_input_is_one_clear_line(tmp_path, env, quick_run, omniglot_dir, cor
         (["train", "--resume", "--meta-steps", "100", "--out", str(run_dir)], env, "already ran 300"),
         (["train", "--resume", "--out", str(tmp_path / "new")], env, "config.json is missing"),
         (["evaluate", "--run", str(tmp_path / "missing")], env, "does not exist"),
+        (["evaluate", "--run", str(run_dir), "--shots", "5"], env, "trained on its own 1-shot tasks"),
         (["train", "--devices", "3", "--out", out], env, "only 1 are available"),
     ]
     for args, e, fragment in cases[:2]:  # two through a real process: exit code, one line, no traceback

@@ -165,3 +165,15 @@ def test_a_short_run_at_reptile_s_protocol_learns_and_keeps_both_evaluations(tmp
     assert code == 0, stderr
     together = json.loads((out / "eval.json").read_text())
     assert together["eval_mode"] == "transductive" and together["accuracy"] > 0.5, together
+    # Reptile's 1-shot and 5-shot commands train alike (10-shot training tasks): the same run tests at 5 shots,
+    # into its own file and its own record, and does better with more support examples.
+    results = tmp_path / "results"
+    code, stderr, _ = run_in_process(omniglot.main, ["evaluate", "--run", str(out), "--tasks", "100", "--shots", "5",
+                                                     "--results", str(results)], capsys, env=env,
+                                     monkeypatch=monkeypatch)
+    assert code == 0, stderr
+    five = json.loads((out / "eval-non-transductive-5shot.json").read_text())
+    assert five["shots"] == 5 and five["tasks"] == 100 and five["accuracy"] > alone["accuracy"] + 0.05, (five, alone)
+    assert json.loads((out / "eval-non-transductive.json").read_text()) == alone
+    record = json.loads((results / "omniglot-5w5s-reptile-paper-non-transductive.json").read_text())
+    assert (record["shots"], record["accuracy"], record["meta_steps"]) == (5, five["accuracy"], 300)

@@ -51,6 +51,9 @@ def build_parser(dataset: str, presets: Sequence[str], data_env: str) -> Argumen
     e.add_argument("--ensemble", type=positive_int, metavar="K",
                    help="score the mean prediction of the K checkpoints with the best validation accuracy "
                         "(trained with --keep-best K); writes eval[-non-transductive]-ensembleK.json")
+    e.add_argument("--shots", type=positive_int, metavar="K",
+                   help="test on K-shot tasks instead of the run's (a run trained with --train-shots: Reptile's "
+                        "protocol trains its 1-shot and 5-shot models alike); writes eval[...]-Kshot.json")
     e.add_argument("--results", metavar="DIR",
                    help="folder for the result record (default: the run directory; results/omniglot/ is "
                         "the committed one)")
@@ -102,7 +105,7 @@ def preset_of(config: fewshot.FewShotConfig, preset: PresetFn, presets: Sequence
 def evaluation_record(run_dir: str, evaluation: dict, preset: PresetFn, presets: Sequence[str],
                       paper_results: PaperResults | None, note: str | None) -> dict:
     """The result record of ``evaluation`` of the run in ``run_dir``."""
-    config = fewshot.read_config(run_dir)
+    config = dataclasses.replace(fewshot.read_config(run_dir), shots=evaluation["shots"])
     paper = (paper_results or {}).get((config.algo, config.ways, config.shots), {})
     return make_record(config, evaluation, fewshot.read_training(run_dir), preset=preset_of(config, preset, presets),
                        data=fewshot.read_data_identity(run_dir), paper_meta_steps=paper.get("meta_steps"), note=note)
@@ -149,7 +152,7 @@ def main(dataset: str, preset: PresetFn, presets: Sequence[str], data_env: str,
         result = fewshot.evaluate_run(args.run, tasks=args.tasks, inner_steps=args.inner_steps,
                                       eval_queries=args.eval_queries, data_dir=args.data_dir,
                                       cache_dir=args.cache_dir, eval_mode=args.eval_mode,
-                                      ensemble=args.ensemble or 0)
+                                      ensemble=args.ensemble or 0, shots=args.shots)
         record = evaluation_record(args.run, result, preset, presets, paper_results, args.note)
         print(f"result record written to {write_record(record, args.results or args.run)}")
         print(json.dumps({k: result[k] for k in ("accuracy", "ci95", "tasks", "inner_steps", "eval_mode", "ensemble")

@@ -135,12 +135,15 @@ INNER_OPTIMIZERS = ("sgd", "adam")
 """The inner optimisers a run can choose (Adam for Reptile's protocol)."""
 
 
-def eval_file(eval_mode: str = "transductive", ensemble: int = 0) -> str:
+def eval_file(eval_mode: str = "transductive", ensemble: int = 0, shots: int | None = None) -> str:
     """The run file of a test evaluation: ``eval.json``, or ``eval-non-transductive.json`` for that mode
     (a run can hold both, as the Reptile paper reports both); a K-checkpoint ensemble's adds
-    ``-ensembleK`` (``eval-ensemble5.json``)."""
+    ``-ensembleK`` (``eval-ensemble5.json``), an evaluation at other test shots than the run's
+    ``-Kshot`` (``eval-non-transductive-1shot.json``)."""
     stem = "eval" if eval_mode == "transductive" else f"eval-{eval_mode}"
-    return f"{stem}-ensemble{ensemble}.json" if ensemble else (EVAL_FILE if stem == "eval" else f"{stem}.json")
+    stem += f"-ensemble{ensemble}" if ensemble else ""
+    stem += f"-{shots}shot" if shots is not None else ""
+    return f"{stem}.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -648,14 +651,19 @@ def train_and_evaluate(config: FewShotConfig, run_dir: str, *, resume: bool = Fa
 
 def evaluate_run(run_dir: str, *, tasks: int | None = None, inner_steps: int | None = None,
                  eval_queries: int | None = None, data_dir: str | None = None,
-                 cache_dir: str | None = None, eval_mode: str | None = None, ensemble: int = 0) -> dict:
+                 cache_dir: str | None = None, eval_mode: str | None = None, ensemble: int = 0,
+                 shots: int | None = None) -> dict:
     """Evaluates a run's newest checkpoint on the fixed test tasks; writes ``RUN/eval.json``.
 
     ``ensemble=K`` evaluates the mean prediction of the run's K best checkpoints
     by validation accuracy instead (:func:`ensemble_score`; the run must have
     kept them, ``train --keep-best K``) and writes ``RUN/eval-ensembleK.json``.
+    ``shots=K`` tests on K-shot tasks instead of the run's (:func:`evaluation_shots`).
     """
     config = read_config(run_dir)
+    trained_shots, other_shots = config.shots, evaluation_shots(config, shots, run_dir)
+    if other_shots is not None:
+        config = dataclasses.replace(config, shots=other_shots)
     config = dataclasses.replace(config, data_dir=data_dir or config.data_dir, cache_dir=cache_dir or config.cache_dir)
     if tasks is not None:
         config = dataclasses.replace(config, test_tasks=tasks)
@@ -670,7 +678,8 @@ def evaluate_run(run_dir: str, *, tasks: int | None = None, inner_steps: int | N
     config.validate_test(test_images)
     model, loss_fn, _ = build(config)
     members = ensemble_members(run_dir, ensemble) if ensemble else [None]
-    loaded = [load_params(run_dir, config, model, test_images.shape[2:], step=m) for m in members]
+    trained = dataclasses.replace(config, shots=trained_shots)  # the checkpoints' identity
+    loaded = [load_params(run_dir, trained, model, test_images.shape[2:], step=m) for m in members]
     test_tasks = fixed_tasks(config, test_images, num_tasks=config.test_tasks, seed=TEST_SEED)
     if ensemble:
         evaluation = ensemble_score(config, loss_fn, [p for _, p in loaded], test_tasks, steps)
@@ -679,8 +688,25 @@ def evaluate_run(run_dir: str, *, tasks: int | None = None, inner_steps: int | N
         evaluation = score(config, loss_fn, loaded[0][1], test_tasks, steps)
     evaluation.update(meta_steps=max(s for s, _ in loaded), device=str(jax.devices()[0]), algo=config.algo,
                       ways=config.ways, shots=config.shots, dataset=config.dataset, split=config.split)
-    write_json(os.path.join(run_dir, eval_file(config.eval_mode, ensemble)), evaluation)
+    write_json(os.path.join(run_dir, eval_file(config.eval_mode, ensemble, other_shots)), evaluation)
     return evaluation
+
+
+def evaluation_shots(config: FewShotConfig, shots: int | None, run_dir: str) -> int | None:
+    """The test shots ``evaluate --shots K`` asks of the run in ``run_dir``: ``None`` for the run's own.
+
+    Only a run whose training tasks did not depend on its test shots may be
+    tested at others: one trained with ``--train-shots`` (Reptile's protocol,
+    whose 1-shot and 5-shot commands train alike on 10-shot tasks and differ
+    only in the test tasks). Such a run's training, checkpoints and
+    initialisation are the same at any ``shots``; only validation differed.
+    """
+    if shots is None or shots == config.shots:
+        return None
+    if config.train_shots is None:
+        raise ConfigError(f"--shots {shots}: {run_dir} trained on its own {config.shots}-shot tasks; only a run "
+                          "trained with --train-shots (Reptile's protocol) may be tested at other shots")
+    return shots
 
 
 def episode(run_dir: str, support_dir: str, query_dir: str, *, inner_steps: int | None = None) -> dict:
