@@ -300,13 +300,17 @@ def test_checkpoint_ensemble_records_and_the_results_table(tmp_path, quick_run, 
                                           capsys)
     assert code == 0, stderr
     lines = table.read_text().splitlines()
-    assert stdout == table.read_text() and len(lines) == 2 + 3 + 2
+    assert stdout == table.read_text() and len(lines) == 2 + 3 + 2 + 2
     plain = next(line for line in lines if "| transductive, 3 steps |" in line)
     assert f"**{100 * single['accuracy']:.2f}% ± {100 * single['ci95']:.2f}** (100 tasks)" in plain
     assert "| 5-way 1-shot | MAML |" in plain and "| 300 of 60,000 (0.5%) | `quick` |" in plain
     assert plain.endswith("| 98.7 ± 0.4 |")
     assert any(f"**{100 * ensemble['accuracy']:.2f}%" in line and "top-2 ensemble" in line for line in lines)
-    assert "[1]" in next(line for line in lines if "non-transductive" in line) and lines[-1] == "[1] a quick run"
+    assert "[1]" in next(line for line in lines if "non-transductive" in line) and lines[-3] == "[1] a quick run"
+    # Then what is still to run: every cell with a published figure or budget but no record.
+    assert lines[-1].startswith(f"Without a record yet ({len(omniglot.PAPER_RESULTS) - 1} of "
+                                f"{len(omniglot.PAPER_RESULTS)} cells): 5-way 1-shot: first-order MAML, Reptile,")
+    assert "; 5-way 5-shot: MAML, first-order MAML, Reptile, pre-training;" in lines[-1]
     code, stderr, _ = run_in_process(omniglot.main, ["table", "--results", str(tmp_path / "none")], capsys)
     assert_one_line_error_text(code, stderr, "does not exist")
     (results / "broken.json").write_text('{"accuracy": 0.9}')

@@ -125,7 +125,8 @@ def _budget(record: Mapping) -> str:
 
 def results_table(records: Sequence[Mapping], paper: PaperResults | None = None) -> str:
     """A Markdown table of ``records``, sorted by setting, algorithm, preset and evaluation mode, with
-    each record's ``note`` as a numbered line below it.
+    each record's ``note`` as a numbered line below it, then the cells of ``paper`` that no record
+    fills yet (:func:`unrecorded_cells`).
 
     Examples:
       >>> results_table([]).splitlines()[0].split(" | ")[:4]
@@ -155,4 +156,25 @@ def results_table(records: Sequence[Mapping], paper: PaperResults | None = None)
             f"| {mode} | {_budget(r)} | `{r['preset']}` | {_duration(r['wall_s'])} | {speed} "
             f"| {r['machine'] or '—'} | {ref.get(r['eval_mode'], '—')} |")
     lines += [""] + [f"[{i}] {note}" for i, note in enumerate(notes, 1)] if notes else []
+    missing = unrecorded_cells(records, paper)
+    if missing:
+        count = len(set(paper) - {(r["algorithm"], r["ways"], r["shots"]) for r in records})
+        lines += ["", f"Without a record yet ({count} of {len(paper)} cells): " + "; ".join(missing) + "."]
     return "\n".join(lines) + "\n"
+
+
+def unrecorded_cells(records: Sequence[Mapping], paper: PaperResults) -> list[str]:
+    """The settings of ``paper``'s cells that no record fills, each with its algorithms, in table order.
+
+    Examples:
+      >>> paper = {("maml", 5, 1): {}, ("fomaml", 5, 1): {}, ("maml", 20, 1): {}}
+      >>> unrecorded_cells([{"algorithm": "maml", "ways": 5, "shots": 1}], paper)
+      ['5-way 1-shot: first-order MAML', '20-way 1-shot: MAML']
+    """
+    order = list(ALGORITHM_SPECS)
+    recorded = {(r["algorithm"], r["ways"], r["shots"]) for r in records}
+    settings: dict[tuple[int, int], list[str]] = {}
+    for algo, ways, shots in sorted((cell for cell in paper if cell not in recorded), key=lambda c: (
+            c[1], c[2], order.index(c[0]) if c[0] in order else len(order))):
+        settings.setdefault((ways, shots), []).append(_title(algo))
+    return [f"{ways}-way {shots}-shot: {', '.join(algos)}" for (ways, shots), algos in settings.items()]
