@@ -318,6 +318,22 @@ def test_checkpoint_ensemble_records_and_the_results_table(tmp_path, quick_run, 
     assert_one_line_error_text(code, stderr, "broken.json is not a result record", "dataset")
 
 
+def test_a_record_names_the_preset_whose_budget_the_run_trained_toward():
+    """At 5-way 1-shot the paper and cpu presets differ in their budgets alone: a record names the one the run
+    trained toward; a run that matches no preset's identity is custom."""
+    from experiments.fewshot import cli as fewshot_cli
+
+    parser = fewshot_cli.build_parser("omniglot", omniglot.PRESETS, "JAXMETA_OMNIGLOT_DIR")
+    for flags, expected in ((["--preset", "cpu", "--algo", "anil"], "cpu"), (["--preset", "paper", "--algo", "anil"],
+                                                                              "paper"),
+                            (["--preset", "cpu"], "cpu"), (["--preset", "paper"], "paper"),
+                            (["--preset", "cpu", "--ways", "20", "--meta-steps", "6000"], "cpu"),
+                            (["--preset", "cpu", "--inner-steps", "4"], "custom")):
+        config = fewshot_cli.config_from_args("omniglot", omniglot.preset,
+                                              parser.parse_args(["train", *flags, "--out", "x"]))
+        assert fewshot_cli.preset_of(config, omniglot.preset, omniglot.PRESETS) == expected, flags
+
+
 def test_keep_best_is_a_train_flag_outside_the_run_identity():
     from experiments.fewshot import cli as fewshot_cli
 

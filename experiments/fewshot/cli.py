@@ -92,14 +92,16 @@ def config_from_args(dataset: str, preset: PresetFn, args) -> fewshot.FewShotCon
 
 def preset_of(config: fewshot.FewShotConfig, preset: PresetFn, presets: Sequence[str]) -> str:
     """The name of the preset whose run identity ``config`` has (its budget and evaluation may differ);
-    ``"custom"`` when none has."""
+    ``"custom"`` when none has. Where several have it (at 5-way 1-shot, ``paper`` and ``cpu`` differ in
+    their budgets alone), the one whose meta-steps the run trained toward."""
     base = dict(dataset=config.dataset, algo=config.algo, ways=config.ways, shots=config.shots)
-    for name in presets:
-        candidate = fewshot.algo_defaults(fewshot.FewShotConfig(**{**base, **preset(name, config.ways, config.shots,
-                                                                                      config.algo)}), set())
+    matches = []
+    for order, name in enumerate(presets):
+        fields = preset(name, config.ways, config.shots, config.algo)
+        candidate = fewshot.algo_defaults(fewshot.FewShotConfig(**{**base, **fields}), set())
         if candidate.identity() == config.identity():
-            return name
-    return "custom"
+            matches.append((fields.get("meta_steps") != config.meta_steps, order, name))
+    return min(matches)[2] if matches else "custom"
 
 
 def evaluation_record(run_dir: str, evaluation: dict, preset: PresetFn, presets: Sequence[str],
