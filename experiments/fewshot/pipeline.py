@@ -140,7 +140,8 @@ def eval_file(eval_mode: str = "transductive", ensemble: int = 0, shots: int | N
     (a run can hold both, as the Reptile paper reports both); a K-checkpoint ensemble's adds
     ``-ensembleK`` (``eval-ensemble5.json``), an evaluation at other test shots than the run's
     ``-Kshot`` (``eval-non-transductive-1shot.json``)."""
-    stem = "eval" if eval_mode == "transductive" else f"eval-{eval_mode}"
+    stem = EVAL_FILE.removesuffix(".json")
+    stem += f"-{eval_mode}" if eval_mode != "transductive" else ""
     stem += f"-ensemble{ensemble}" if ensemble else ""
     stem += f"-{shots}shot" if shots is not None else ""
     return f"{stem}.json"

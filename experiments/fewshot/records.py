@@ -133,9 +133,8 @@ def results_table(records: Sequence[Mapping], paper: PaperResults | None = None)
       ['| setting', 'algorithm', 'test accuracy', 'evaluation']
     """
     paper = paper or {}
-    order = list(ALGORITHM_SPECS)
     rows = sorted(records, key=lambda r: (
-        r["ways"], r["shots"], order.index(r["algorithm"]) if r["algorithm"] in order else len(order),
+        r["ways"], r["shots"], _rank(r["algorithm"]),
         r["preset"] != "cpu", r["preset"], r["eval_mode"] != "transductive", r["ensemble"]))
     lines = ["| setting | algorithm | test accuracy | evaluation | meta-steps (paper's) | preset | training "
              "| ms / meta-step | machine | paper |",
@@ -158,23 +157,27 @@ def results_table(records: Sequence[Mapping], paper: PaperResults | None = None)
     lines += [""] + [f"[{i}] {note}" for i, note in enumerate(notes, 1)] if notes else []
     missing = unrecorded_cells(records, paper)
     if missing:
-        count = len(set(paper) - {(r["algorithm"], r["ways"], r["shots"]) for r in records})
-        lines += ["", f"Without a record yet ({count} of {len(paper)} cells): " + "; ".join(missing) + "."]
+        settings: dict[tuple[int, int], list[str]] = {}
+        for algo, ways, shots in missing:
+            settings.setdefault((ways, shots), []).append(_title(algo))
+        lines += ["", f"Without a record yet ({len(missing)} of {len(paper)} cells): " + "; ".join(
+            f"{ways}-way {shots}-shot: {', '.join(algos)}" for (ways, shots), algos in settings.items()) + "."]
     return "\n".join(lines) + "\n"
 
 
-def unrecorded_cells(records: Sequence[Mapping], paper: PaperResults) -> list[str]:
-    """The settings of ``paper``'s cells that no record fills, each with its algorithms, in table order.
+def _rank(algo: str) -> int:
+    """An algorithm's place in the table: the registry's order, unknown names last."""
+    order = list(ALGORITHM_SPECS)
+    return order.index(algo) if algo in order else len(order)
+
+
+def unrecorded_cells(records: Sequence[Mapping], paper: PaperResults) -> list[tuple[str, int, int]]:
+    """The cells ``(algo, ways, shots)`` of ``paper`` that no record fills, in table order.
 
     Examples:
       >>> paper = {("maml", 5, 1): {}, ("fomaml", 5, 1): {}, ("maml", 20, 1): {}}
       >>> unrecorded_cells([{"algorithm": "maml", "ways": 5, "shots": 1}], paper)
-      ['5-way 1-shot: first-order MAML', '20-way 1-shot: MAML']
+      [('fomaml', 5, 1), ('maml', 20, 1)]
     """
-    order = list(ALGORITHM_SPECS)
     recorded = {(r["algorithm"], r["ways"], r["shots"]) for r in records}
-    settings: dict[tuple[int, int], list[str]] = {}
-    for algo, ways, shots in sorted((cell for cell in paper if cell not in recorded), key=lambda c: (
-            c[1], c[2], order.index(c[0]) if c[0] in order else len(order))):
-        settings.setdefault((ways, shots), []).append(_title(algo))
-    return [f"{ways}-way {shots}-shot: {', '.join(algos)}" for (ways, shots), algos in settings.items()]
+    return sorted((cell for cell in paper if cell not in recorded), key=lambda c: (c[1], c[2], _rank(c[0])))
