@@ -61,11 +61,23 @@ def preset(name: str, ways: int, shots: int, algo: str = "maml") -> dict:
     20-way) are kept, applied to a mean-reduced cross-entropy as in the
     learn2learn and MAML++ reproductions. ``cpu`` is the paper's protocol at
     a tenth of its budget for 5-way (6,000 meta-steps) and a twentieth for
-    20-way (3,000, two inner steps): on the 2-core CPU, 5-way 1-shot MAML
-    trained in 41 minutes (docs/omniglot.md) and first-order MAML in 25
-    (257 ms per meta-step beside the test suite, its record); the
-    amortised learners have their own (:func:`amortized_cpu`). ``quick`` is
-    a minutes-long smoke run.
+    20-way (3,000, two inner steps), one query example per class in
+    training; the amortised learners have their own (:func:`amortized_cpu`).
+    What a ``cpu`` cell costs on the project's 2-core CPU: the preset's
+    meta-steps at the ms per meta-step of the cell's record in
+    ``results/omniglot/`` (5-way 1-shot MAML: docs/omniglot.md; the 5-way
+    1-shot records were measured beside the test suite):
+
+    ==============  ==================  ==================  ==================
+    setting         MAML                first-order MAML    pre-training
+    ==============  ==================  ==================  ==================
+    5-way 1-shot    41 min (docs)       26 min (257 ms)     27 min (267 ms)
+    5-way 5-shot    42 min (416 ms)     15 min (152 ms)     14 min (142 ms)
+    20-way 1-shot   16 min (324 ms)     7 min (130 ms)      5 min (102 ms)
+    20-way 5-shot   no record yet       22 min (440 ms)     14 min (289 ms)
+    ==============  ==================  ==================  ==================
+
+    ``quick`` is a minutes-long smoke run.
     """
     five_way = ways <= 5
     base = (dict(meta_batch=32, inner_steps=1, inner_lr=0.4, test_inner_steps=3) if five_way
