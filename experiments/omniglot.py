@@ -74,7 +74,7 @@ def preset(name: str, ways: int, shots: int, algo: str = "maml") -> dict:
     5-way 1-shot    41 min (docs)       26 min (257 ms)     27 min (267 ms)
     5-way 5-shot    42 min (416 ms)     15 min (152 ms)     14 min (142 ms)
     20-way 1-shot   16 min (324 ms)     7 min (130 ms)      5 min (102 ms)
-    20-way 5-shot   no record yet       22 min (440 ms)     14 min (289 ms)
+    20-way 5-shot   76 min (1530 ms)    22 min (440 ms)     14 min (289 ms)
     ==============  ==================  ==================  ==================
 
     ``quick`` is a minutes-long smoke run.

@@ -38,6 +38,33 @@ def test_the_omniglot_table_is_generated_from_the_committed_records():
         assert record["data"]["digest"] and record["meta_steps"] > 0 and record["tasks"] >= 100
 
 
+def test_the_cpu_preset_docstring_says_what_its_records_measured():
+    """The cost table in ``preset``'s docstring (a cell: the ``cpu`` preset's meta-steps at its record's ms per
+    meta-step) agrees with the committed ``cpu`` records, and a cell it calls unrecorded has no ``cpu`` record:
+    rerunning or adding a record without updating the docstring fails here."""
+    from experiments.fewshot.records import read_records
+    from experiments.omniglot import preset
+
+    records = {(r["algorithm"], r["ways"], r["shots"]): r for r in read_records(str(REPO_ROOT / "results" / "omniglot"))
+               if r["preset"] == "cpu" and not r["ensemble"]}
+    rows = re.findall(r"^ *(\d+)-way (\d+)-shot {2,}(.+)$", preset.__doc__, flags=re.M)
+    assert len(rows) == 4
+    checked = 0
+    for ways, shots, cells in rows:
+        ways, shots = int(ways), int(shots)
+        for algo, cell in zip(("maml", "fomaml", "pretrain"), re.split(r" {2,}", cells.strip()), strict=True):
+            record = records.get((algo, ways, shots))
+            cost = re.fullmatch(r"(\d+) min \((\d+) ms\)", cell)
+            if cost is None:  # "no record yet", or measured elsewhere ("docs")
+                assert record is None, f"{algo} {ways}-way {shots}-shot has a cpu record; the docstring says {cell!r}"
+                continue
+            assert record is not None, f"no cpu record for {algo} {ways}-way {shots}-shot, docstring says {cell!r}"
+            ms = record["ms_per_meta_step"]
+            minutes = preset("cpu", ways, shots, algo)["meta_steps"] * ms / 60_000
+            assert int(cost[2]) == round(ms) and abs(int(cost[1]) - minutes) <= 0.51, (algo, ways, shots, cell, ms)
+            checked += 1
+    assert checked >= 9
+
 def test_the_front_page_is_short_and_keeps_its_two_commands():
     text = (REPO_ROOT / "README.md").read_text()
     assert len(text.splitlines()) <= 250
