@@ -65,6 +65,7 @@ def test_the_cpu_preset_docstring_says_what_its_records_measured():
             checked += 1
     assert checked >= 9
 
+
 def test_the_front_page_is_short_and_keeps_its_two_commands():
     text = (REPO_ROOT / "README.md").read_text()
     assert len(text.splitlines()) <= 250
