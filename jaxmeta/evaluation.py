@@ -60,6 +60,7 @@ def evaluate(
     query_score: Callable | None = None,
     chunk_size: int | None = 50,
     key: jax.Array | None = None,
+    first_task: int | jax.Array = 0,
 ) -> EvalResult:
     """Adapts ``learner`` to every test task with its own rule and scores the query set after each step.
 
@@ -83,6 +84,9 @@ def evaluate(
       chunk_size: tasks adapted at once (bounds memory); ``None`` for all.
       key: seeds any randomness of the rule (task ``i`` uses ``fold_in(key, i)``;
         default ``PRNGKey(0)``), e.g. Reptile's test mini-batches.
+      first_task: the index ``i`` of ``tasks``' first task, so that an evaluation
+        run a slice of tasks at a time gives every task the key it has in one
+        call (traced: slices share one compiled program).
 
     Returns:
       An :class:`EvalResult` with the query loss (and aux metrics) after 0..S steps.
@@ -115,6 +119,6 @@ def evaluate(
 
     num_tasks = jax.tree.leaves(tasks)[0].shape[0]
     chunk = None if chunk_size is None or chunk_size >= num_tasks else chunk_size
-    per_task = map_tasks(observe_query, (tasks, jnp.arange(num_tasks)), chunk)
+    per_task = map_tasks(observe_query, (tasks, first_task + jnp.arange(num_tasks)), chunk)
     mean = {k: jnp.mean(v, axis=0) for k, v in per_task.items()}
     return EvalResult(mean, {k: ci95(v) for k, v in per_task.items()}, per_task)

@@ -8,6 +8,7 @@ import os
 import shutil
 import zipfile
 
+import jax
 import numpy as np
 import pytest
 from conftest import assert_one_line_error, assert_one_line_error_text, run_cli, run_in_process
@@ -171,8 +172,8 @@ def test_config_records_the_data_and_evaluate_says_when_it_differs(tmp_path, env
     config = json.loads((copy / "config.json").read_text())
     config["data"]["files"]["images_evaluation.zip"]["sha256"] = "0" * 64  # trained on another copy
     (copy / "config.json").write_text(json.dumps(config))
-    code, stderr, stdout = run_in_process(omniglot.main, ["evaluate", "--run", str(copy), "--tasks", "20"], capsys,
-                                          env=env, monkeypatch=monkeypatch)
+    code, stderr, stdout = run_in_process(omniglot.main, ["evaluate", "--run", str(copy), "--tasks", "20",
+                                                          "--no-progress"], capsys, env=env, monkeypatch=monkeypatch)
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert code == 0 and json.loads(stdout.splitlines()[-1])["tasks"] == 20
     assert len(lines) == 1 and lines[0].startswith("warning: evaluating "), stderr
@@ -316,6 +317,63 @@ def test_checkpoint_ensemble_records_and_the_results_table(tmp_path, quick_run, 
     (results / "broken.json").write_text('{"accuracy": 0.9}')
     code, stderr, _ = run_in_process(omniglot.main, ["table", "--results", str(results)], capsys)
     assert_one_line_error_text(code, stderr, "broken.json is not a result record", "dataset")
+
+
+def test_an_interrupted_evaluation_goes_on_from_its_finished_slices(tmp_path, quick_run, env, capsys, monkeypatch):
+    """evaluate keeps each finished slice of tasks in RUN/eval-partial/ until it ends; the same command
+    after an interruption scores only the rest, and its numbers are those of an uninterrupted evaluation."""
+    from experiments.fewshot import pipeline as fewshot
+
+    run = tmp_path / "run"
+    shutil.copytree(quick_run[0], run)
+    config = dataclasses.replace(fewshot.read_config(str(run)), test_tasks=20)
+    monkeypatch.setattr(fewshot, "EVAL_IMAGES", 8 * (5 + 5 * config.test_queries))  # slices of 8 tasks
+    model, loss_fn, _ = fewshot.build(config)
+    _, _, test_images = fewshot.load_data(config)
+    step, params = fewshot.load_params(str(run), config, model, test_images.shape[2:])
+    tasks = fewshot.fixed_tasks(config, test_images, num_tasks=20, seed=fewshot.TEST_SEED)
+    straight = fewshot.per_task_results(config, loss_fn, params, tasks, 3)
+    # The slices (the last padded) equal one call over all 20 tasks.
+    whole = fewshot.evaluate(fewshot.learner_of(config), params, tasks, steps=3, loss_fn=loss_fn, has_aux=True,
+                             chunk_size=None, key=jax.random.PRNGKey(config.seed))
+    np.testing.assert_allclose(straight["loss"], whole.per_task["loss"], rtol=1e-5)
+    np.testing.assert_array_equal(straight["accuracy"], whole.per_task["accuracy"])
+
+    folder = fewshot.partial_dir(str(run), "eval.json", step)
+    saved = fewshot.per_task_results(config, loss_fn, params, tasks, 3, save_in=folder)
+    assert sorted(os.listdir(folder)) == ["identity.json", "tasks-00000.npz", "tasks-00008.npz", "tasks-00016.npz"]
+    # Killed after its first slice: a rerun computes the other two, and gives the uninterrupted numbers.
+    for name in ("tasks-00008.npz", "tasks-00016.npz"):
+        os.remove(os.path.join(folder, name))
+    resumed = fewshot.per_task_results(config, loss_fn, params, tasks, 3, save_in=folder)
+    assert "1 of 3 slices of tasks already scored" in capsys.readouterr().err
+    for result in (saved, resumed):
+        assert set(result) == set(straight)
+        for k in straight:
+            np.testing.assert_array_equal(result[k], straight[k])
+
+    # The command reads the saved slices rather than recomputing them: a marked first slice shows in its result.
+    for name in ("tasks-00008.npz", "tasks-00016.npz"):
+        os.remove(os.path.join(folder, name))
+    first = os.path.join(folder, "tasks-00000.npz")
+    with np.load(first) as part:
+        marked = {**part, "accuracy": np.zeros_like(part["accuracy"])}
+    np.savez(first, **marked)
+    code, stderr, _ = run_in_process(omniglot.main, ["evaluate", "--run", str(run), "--tasks", "20", "--no-progress"],
+                                     capsys, env=env, monkeypatch=monkeypatch)
+    assert code == 0, stderr
+    assert "going on from there" in stderr
+    evaluation = json.loads((run / "eval.json").read_text())
+    assert evaluation["accuracy"] == pytest.approx(straight["accuracy"][8:, -1].sum() / 20, rel=1e-6)
+    assert evaluation["accuracy"] < fewshot.score(config, loss_fn, params, tasks, 3)["accuracy"] - 0.1
+    assert not (run / fewshot.PARTIAL_DIR).exists()  # a finished evaluation leaves no slices behind
+
+    # Slices of other settings (here other inner steps) are discarded, never mixed in.
+    fewshot.per_task_results(config, loss_fn, params, tasks, 3, save_in=folder)
+    os.remove(os.path.join(folder, "tasks-00016.npz"))
+    other = fewshot.per_task_results(config, loss_fn, params, tasks, 2, save_in=folder)
+    assert "other settings; starting over" in capsys.readouterr().err
+    np.testing.assert_array_equal(other["accuracy"], straight["accuracy"][:, :3])
 
 
 def test_a_record_names_the_preset_whose_budget_the_run_trained_toward():

@@ -106,6 +106,23 @@ def test_inner_mini_batches_are_the_scheduled_examples_and_evaluation_starts_fro
     np.testing.assert_allclose(every.per_task["loss"], whole.per_task["loss"], rtol=1e-5)
 
 
+def test_an_evaluation_in_slices_gives_every_task_the_key_it_has_in_one_call():
+    """evaluate(first_task=i): the slices of a resumable evaluation draw the mini-batches of one call."""
+    adam = optax.adam(0.05, b1=0.0)
+    tasks = linear_tasks(jax.random.PRNGKey(5), n_tasks=5)
+    learner = reptile(linear_loss, inner_steps=3, inner_optimizer=adam, test_inner_batch_size=3)
+    key, theta = jax.random.PRNGKey(6), jnp.ones(4)
+    whole = evaluate(learner, theta, tasks, steps=4, loss_fn=linear_loss, key=key).per_task["loss"]
+
+    def part(a, b, **kwargs):
+        return evaluate(learner, theta, jax.tree.map(lambda x: x[a:b], tasks), steps=4, loss_fn=linear_loss, key=key,
+                        **kwargs).per_task["loss"]
+
+    np.testing.assert_allclose(np.concatenate([part(0, 2), part(2, 5, first_task=2)]), whole, rtol=1e-6)
+    # Without it the second slice's tasks would draw the first tasks' mini-batches: other losses.
+    assert np.abs(part(2, 5) - whole[2:])[:, -1].min() > 1e-4
+
+
 def test_the_protocol_is_reptile_s_alone():
     for kwargs in ({"inner_batch_size": 5}, {"persistent_inner_state": True, "inner_optimizer": optax.adam(1e-3)}):
         with pytest.raises(ConfigError, match="Reptile's protocol"):

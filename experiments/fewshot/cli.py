@@ -39,7 +39,8 @@ def build_parser(dataset: str, presets: Sequence[str], data_env: str) -> Argumen
     t.add_argument("--out", required=True, help="run directory")
     t.add_argument("--no-progress", action="store_true")
 
-    e = commands.add_parser("evaluate", help="evaluate a run on the fixed test tasks")
+    e = commands.add_parser("evaluate", help="evaluate a run on the fixed test tasks (after an interruption, "
+                                             "the same command goes on from the tasks already scored)")
     e.add_argument("--run", required=True)
     e.add_argument("--tasks", type=positive_int, default=600)
     e.add_argument("--inner-steps", type=nonnegative_int)
@@ -60,6 +61,7 @@ def build_parser(dataset: str, presets: Sequence[str], data_env: str) -> Argumen
     e.add_argument("--note", help="one line on the result, kept in its record and shown under the table")
     e.add_argument("--data-dir")
     e.add_argument("--cache-dir")
+    e.add_argument("--no-progress", action="store_true")
 
     p = commands.add_parser("episode", help="adapt a run to your own episode of image folders")
     p.add_argument("--run", required=True)
@@ -154,7 +156,8 @@ def main(dataset: str, preset: PresetFn, presets: Sequence[str], data_env: str,
         result = fewshot.evaluate_run(args.run, tasks=args.tasks, inner_steps=args.inner_steps,
                                       eval_queries=args.eval_queries, data_dir=args.data_dir,
                                       cache_dir=args.cache_dir, eval_mode=args.eval_mode,
-                                      ensemble=args.ensemble or 0, shots=args.shots)
+                                      ensemble=args.ensemble or 0, shots=args.shots,
+                                      progress=not args.no_progress)
         record = evaluation_record(args.run, result, preset, presets, paper_results, args.note)
         print(f"result record written to {write_record(record, args.results or args.run)}")
         print(json.dumps({k: result[k] for k in ("accuracy", "ci95", "tasks", "inner_steps", "eval_mode", "ensemble")

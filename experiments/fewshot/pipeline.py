@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import json
 import os
+import shutil
+import sys
 import warnings
 from collections.abc import Sequence
 from typing import Callable, NamedTuple
@@ -42,7 +45,7 @@ from jaxmeta.data import episodes, provenance
 from jaxmeta.distributed import check_meta_batch, machine_name, task_mesh
 from jaxmeta.errors import CheckpointError, ConfigError, DataError, JaxmetaWarning
 from jaxmeta.evaluation import ci95, evaluate
-from jaxmeta.io import figure, pyplot, read_jsonl, save_figure, write_json
+from jaxmeta.io import atomic_write_bytes, figure, pyplot, read_jsonl, save_figure, to_json, write_json
 from jaxmeta.models import (
     CONV_IMPLS,
     classification_loss,
@@ -407,26 +410,102 @@ def eval_chunk(config: FewShotConfig) -> int:
     return max(1, min(50, EVAL_IMAGES // (support + scored)))
 
 
-def _evaluate(config: FewShotConfig, loss_fn, meta_params, tasks, steps: int, *, probabilities: bool = False):
-    score_fn = query_score(config, probabilities)
-    return evaluate(learner_of(config), meta_params, tasks, steps=steps, loss_fn=None if score_fn else loss_fn,
-                    has_aux=True, query_score=score_fn, key=jax.random.PRNGKey(config.seed),
-                    chunk_size=eval_chunk(config))
+PARTIAL_DIR = "eval-partial"
+"""Where an evaluation in progress keeps its finished slices of tasks: ``RUN/eval-partial/``."""
 
 
-def ensemble_score(config: FewShotConfig, loss_fn, members: Sequence, tasks, steps: int) -> dict:
+def partial_dir(run_dir: str, eval_name: str, step: int) -> str:
+    """The folder of the finished slices of one evaluation (``eval_name``, a :func:`eval_file`) of
+    the checkpoint at ``step``: ``RUN/eval-partial/eval-non-transductive-5shot/step-10000``."""
+    return os.path.join(run_dir, PARTIAL_DIR, eval_name.removesuffix(".json"), f"step-{step}")
+
+
+def _saved_slices(folder: str, identity: dict) -> set[int]:
+    """The first tasks of the slices saved in ``folder`` for an evaluation of this ``identity``; a folder
+    of another one (other settings or slice size) is emptied, and this identity written into it."""
+    path = os.path.join(folder, "identity.json")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            if json.load(f) == json.loads(to_json(identity)):
+                return {int(name[len("tasks-"):-len(".npz")]) for name in os.listdir(folder)
+                        if name.startswith("tasks-") and name.endswith(".npz")}
+        print(f"evaluate: {folder} holds part of an evaluation with other settings; starting over",
+              file=sys.stderr)
+        shutil.rmtree(folder)
+    os.makedirs(folder, exist_ok=True)
+    write_json(path, identity)
+    return set()
+
+
+def per_task_results(config: FewShotConfig, loss_fn, meta_params, tasks, steps: int, *,
+                     probabilities: bool = False, save_in: str | None = None,
+                     progress: bool = False) -> dict[str, np.ndarray]:
+    """Every test task's query accuracy and loss after 0..steps inner steps, ``[tasks, steps + 1]``.
+
+    With ``probabilities`` also the softmax of each query example after the
+    last step, ``[tasks, queries, ways]`` (what :func:`ensemble_score` averages).
+    The tasks go a slice of :func:`eval_chunk` tasks at a time; every task is
+    adapted and scored alone, with its own key, so slicing changes no number.
+    With ``save_in`` (a folder, :func:`partial_dir`) each finished slice is
+    saved there and a later call picks up after the saved slices: one
+    600-task evaluation can span processes and sessions, and its numbers are
+    those of an uninterrupted one.
+    """
+    from tqdm.auto import tqdm
+
+    num_tasks = int(tasks.query[1].shape[0])
+    score_fn, size = query_score(config, probabilities), min(eval_chunk(config), num_tasks)
+    identity = {"config": {k: v for k, v in dataclasses.asdict(config).items() if k not in ("data_dir", "cache_dir")},
+                "inner_steps": steps, "slice": size, "probabilities": probabilities}
+    saved = _saved_slices(save_in, identity) if save_in else set()
+    if saved:
+        print(f"evaluate: {len(saved)} of {-(-num_tasks // size)} slices of tasks already scored in {save_in}; "
+              "going on from there", file=sys.stderr)
+    parts = []
+    bar = tqdm(total=num_tasks, desc=f"evaluate ({config.eval_mode}, {steps} steps)", unit="task",
+               disable=not progress, dynamic_ncols=True)
+    for first in range(0, num_tasks, size):
+        path = os.path.join(save_in or "", f"tasks-{first:05d}.npz")
+        if first in saved:
+            with np.load(path) as part:
+                parts.append(dict(part))
+        else:
+            # The last slice is padded with copies of the last task (then dropped): one compiled program.
+            indices = np.minimum(np.arange(first, first + size), num_tasks - 1)
+            result = evaluate(learner_of(config), meta_params, jax.tree.map(lambda a, i=indices: a[i], tasks),
+                              steps=steps, loss_fn=None if score_fn else loss_fn, has_aux=True,
+                              query_score=score_fn, key=jax.random.PRNGKey(config.seed), chunk_size=None,
+                              first_task=first)
+            kept = min(size, num_tasks - first)
+            values = {k: np.asarray(v)[:kept] for k, v in result.per_task.items()}
+            if probabilities:
+                values["probabilities"] = values["probabilities"][:, -1]
+            if save_in:
+                buffer = io.BytesIO()
+                np.savez(buffer, **values)
+                atomic_write_bytes(path, buffer.getvalue())
+            parts.append(values)
+        bar.update(len(parts[-1]["accuracy"]))
+    bar.close()
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def ensemble_score(config: FewShotConfig, loss_fn, members: Sequence, tasks, steps: int, *,
+                   save_in: Sequence[str] | None = None, progress: bool = False) -> dict:
     """Accuracy of a checkpoint ensemble: each member adapts to every task on its own, the
     members' softmax outputs on each query example are averaged, and the arg-max is the prediction.
 
     ``members`` are meta-parameters (e.g. the K best checkpoints by validation,
     MAML++'s reported protocol). Returns the ensemble's accuracy and 95% CI
     over tasks after ``steps`` inner steps, and each member's own accuracy.
+    ``save_in``: each member's folder of finished slices (:func:`per_task_results`).
     """
     probabilities, alone = [], []
-    for params in members:
-        result = _evaluate(config, loss_fn, params, tasks, steps, probabilities=True)
-        probabilities.append(np.asarray(result.per_task["probabilities"][:, -1], np.float64))  # [tasks, Q, C]
-        alone.append(float(result.mean["accuracy"][-1]))
+    for i, params in enumerate(members):
+        result = per_task_results(config, loss_fn, params, tasks, steps, probabilities=True,
+                                  save_in=save_in[i] if save_in else None, progress=progress)
+        probabilities.append(result["probabilities"].astype(np.float64))  # [tasks, Q, C]
+        alone.append(float(result["accuracy"][:, -1].mean()))
     predicted = np.mean(probabilities, axis=0).argmax(-1)
     per_task = (predicted == np.asarray(tasks.query[1])).mean(-1)
     return {
@@ -441,20 +520,24 @@ def ensemble_score(config: FewShotConfig, loss_fn, members: Sequence, tasks, ste
     }
 
 
-def score(config: FewShotConfig, loss_fn, meta_params, tasks, steps: int) -> dict:
-    """Accuracy (and loss) after 0..steps inner steps, mean and 95% CI over tasks."""
-    result = _evaluate(config, loss_fn, meta_params, tasks, steps)
-    acc, ci = np.asarray(result.mean["accuracy"]), np.asarray(result.ci95["accuracy"])
+def score(config: FewShotConfig, loss_fn, meta_params, tasks, steps: int, *, save_in: str | None = None,
+          progress: bool = False) -> dict:
+    """Accuracy (and loss) after 0..steps inner steps, mean and 95% CI over tasks.
+
+    ``save_in``: a folder of finished slices, to resume from (:func:`per_task_results`).
+    """
+    per_task = per_task_results(config, loss_fn, meta_params, tasks, steps, save_in=save_in, progress=progress)
+    acc, ci = np.mean(per_task["accuracy"], axis=0), np.asarray(ci95(jnp.asarray(per_task["accuracy"])))
     return {
         "accuracy": float(acc[-1]),
         "ci95": float(ci[-1]),
-        "tasks": int(result.per_task["accuracy"].shape[0]),
+        "tasks": int(per_task["accuracy"].shape[0]),
         "inner_steps": int(steps),
         "queries_per_class": int(config.test_queries),
         "eval_mode": config.eval_mode,
         "accuracy_per_step": acc.tolist(),
         "ci95_per_step": ci.tolist(),
-        "loss_per_step": np.asarray(result.mean["loss"]).tolist(),
+        "loss_per_step": np.mean(per_task["loss"], axis=0).tolist(),
     }
 
 
@@ -643,18 +726,32 @@ def train_and_evaluate(config: FewShotConfig, run_dir: str, *, resume: bool = Fa
     write_training(run_dir, resume=resume, meta_steps=int(result.state.step), seconds=result.seconds,
                    step_ms=result.step_ms, skipped_steps=int(result.state.skipped))
     test_tasks = fixed_tasks(config, test_images, num_tasks=config.test_tasks, seed=TEST_SEED)
-    evaluation = score(config, loss_fn, result.state.meta.params, test_tasks, config.test_inner_steps)
-    evaluation.update(meta_steps=int(result.state.step), device=str(jax.devices()[0]), algo=config.algo,
+    name, step = eval_file(config.eval_mode), int(result.state.step)
+    evaluation = score(config, loss_fn, result.state.meta.params, test_tasks, config.test_inner_steps,
+                       save_in=partial_dir(run_dir, name, step), progress=progress)
+    evaluation.update(meta_steps=step, device=str(jax.devices()[0]), algo=config.algo,
                       ways=config.ways, shots=config.shots, dataset=config.dataset, split=config.split)
-    write_json(os.path.join(run_dir, eval_file(config.eval_mode)), evaluation)
+    return write_evaluation(run_dir, name, evaluation)
+
+
+def write_evaluation(run_dir: str, name: str, evaluation: dict) -> dict:
+    """Writes a finished evaluation to ``RUN/name`` and removes its finished slices (:data:`PARTIAL_DIR`)."""
+    write_json(os.path.join(run_dir, name), evaluation)
+    partial = os.path.join(run_dir, PARTIAL_DIR)
+    shutil.rmtree(os.path.join(partial, name.removesuffix(".json")), ignore_errors=True)
+    if os.path.isdir(partial) and not os.listdir(partial):
+        os.rmdir(partial)
     return evaluation
 
 
 def evaluate_run(run_dir: str, *, tasks: int | None = None, inner_steps: int | None = None,
                  eval_queries: int | None = None, data_dir: str | None = None,
                  cache_dir: str | None = None, eval_mode: str | None = None, ensemble: int = 0,
-                 shots: int | None = None) -> dict:
+                 shots: int | None = None, progress: bool = False) -> dict:
     """Evaluates a run's newest checkpoint on the fixed test tasks; writes ``RUN/eval.json``.
+
+    Resumable: finished slices of tasks are kept in ``RUN/eval-partial/`` until
+    the evaluation ends, and a rerun of the same evaluation goes on from them.
 
     ``ensemble=K`` evaluates the mean prediction of the run's K best checkpoints
     by validation accuracy instead (:func:`ensemble_score`; the run must have
@@ -682,15 +779,17 @@ def evaluate_run(run_dir: str, *, tasks: int | None = None, inner_steps: int | N
     trained = dataclasses.replace(config, shots=trained_shots)  # the checkpoints' identity
     loaded = [load_params(run_dir, trained, model, test_images.shape[2:], step=m) for m in members]
     test_tasks = fixed_tasks(config, test_images, num_tasks=config.test_tasks, seed=TEST_SEED)
+    name = eval_file(config.eval_mode, ensemble, other_shots)
+    save_in = [partial_dir(run_dir, name, s) for s, _ in loaded]
     if ensemble:
-        evaluation = ensemble_score(config, loss_fn, [p for _, p in loaded], test_tasks, steps)
+        evaluation = ensemble_score(config, loss_fn, [p for _, p in loaded], test_tasks, steps, save_in=save_in,
+                                    progress=progress)
         evaluation["member_steps"] = [s for s, _ in loaded]
     else:
-        evaluation = score(config, loss_fn, loaded[0][1], test_tasks, steps)
+        evaluation = score(config, loss_fn, loaded[0][1], test_tasks, steps, save_in=save_in[0], progress=progress)
     evaluation.update(meta_steps=max(s for s, _ in loaded), device=str(jax.devices()[0]), algo=config.algo,
                       ways=config.ways, shots=config.shots, dataset=config.dataset, split=config.split)
-    write_json(os.path.join(run_dir, eval_file(config.eval_mode, ensemble, other_shots)), evaluation)
-    return evaluation
+    return write_evaluation(run_dir, name, evaluation)
 
 
 def evaluation_shots(config: FewShotConfig, shots: int | None, run_dir: str) -> int | None:
