@@ -16,7 +16,7 @@ from jaxmeta.types import PyTree, Task
 
 
 class EvalResult(NamedTuple):
-    """Query metrics after 0, 1, ..., S inner steps.
+    """Query metrics after 0, 1, ..., S inner steps (after S alone with ``every_step=False``: ``[1]``).
 
     Attributes:
       mean: metric name (``"loss"`` and any aux names) → ``[S + 1]`` means over tasks.
@@ -48,7 +48,8 @@ def query_loss(loss_fn: LossFn, *, has_aux: bool = False) -> Callable:
 
 
 @functools.partial(jax.jit,
-                   static_argnames=("learner", "steps", "loss_fn", "has_aux", "query_score", "chunk_size"))
+                   static_argnames=("learner", "steps", "loss_fn", "has_aux", "query_score", "chunk_size",
+                                    "every_step"))
 def evaluate(
     learner: MetaLearner,
     state: MetaState | PyTree,
@@ -61,6 +62,7 @@ def evaluate(
     chunk_size: int | None = 50,
     key: jax.Array | None = None,
     first_task: int | jax.Array = 0,
+    every_step: bool = True,
 ) -> EvalResult:
     """Adapts ``learner`` to every test task with its own rule and scores the query set after each step.
 
@@ -87,6 +89,11 @@ def evaluate(
       first_task: the index ``i`` of ``tasks``' first task, so that an evaluation
         run a slice of tasks at a time gives every task the key it has in one
         call (traced: slices share one compiled program).
+      every_step: score the query set after every step 0..S (the default), or
+        only after the last (``False``: every metric has one entry, after S
+        steps), when scoring costs far more than a step: a non-transductive
+        score puts the support set through the network once per query example,
+        so scoring 51 times dominates an evaluation of 50 steps.
 
     Returns:
       An :class:`EvalResult` with the query loss (and aux metrics) after 0..S steps.
@@ -113,8 +120,11 @@ def evaluate(
             loss, aux = score(params, task.support, task.query)
             return {"loss": loss, **aux}
 
-        _, seen = learner.adapt(state, task.support, steps=steps, key=jax.random.fold_in(base_key, index),
-                                observe=observe)
+        task_key = jax.random.fold_in(base_key, index)
+        if not every_step:
+            return jax.tree.map(lambda x: x[None], observe(learner.adapt(state, task.support, steps=steps,
+                                                                         key=task_key)))
+        _, seen = learner.adapt(state, task.support, steps=steps, key=task_key, observe=observe)
         return seen
 
     num_tasks = jax.tree.leaves(tasks)[0].shape[0]

@@ -319,6 +319,11 @@ def test_evaluate_reports_every_step_with_confidence_intervals():
         np.testing.assert_allclose(result.mean["loss"][s], np.mean(per_task), rtol=1e-10)
         np.testing.assert_allclose(result.ci95["loss"][s], 1.96 * np.std(per_task, ddof=1) / np.sqrt(7), rtol=1e-8)
     assert result.mean["loss"][4] < result.mean["loss"][0]
+    # Scoring only after the last step gives that step's numbers.
+    last = evaluate(learner, params, tasks, steps=4, loss_fn=mlp_loss, chunk_size=3, every_step=False)
+    assert last.per_task["loss"].shape == (7, 1)
+    np.testing.assert_allclose(last.per_task["loss"], result.per_task["loss"][:, -1:], rtol=1e-6)
+    np.testing.assert_allclose(last.ci95["loss"], result.ci95["loss"][-1:], rtol=1e-6)
 
 
 def test_public_api_imports():

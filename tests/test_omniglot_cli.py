@@ -70,6 +70,7 @@ def test_evaluate_non_transductive_writes_its_own_file(quick_run, env, capsys, m
     evaluation = json.loads((out / "eval-non-transductive.json").read_text())
     assert evaluation["eval_mode"] == "non-transductive" and evaluation["tasks"] == 100
     assert evaluation["accuracy"] > 0.5, evaluation  # chance is 0.2
+    assert evaluation["accuracy_per_step"] == [evaluation["accuracy"]]  # scored after the last step alone
     assert (out / "eval.json").read_text() == before
     assert json.loads(before)["eval_mode"] == "transductive"
 

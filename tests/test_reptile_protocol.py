@@ -121,6 +121,8 @@ def test_an_evaluation_in_slices_gives_every_task_the_key_it_has_in_one_call():
     np.testing.assert_allclose(np.concatenate([part(0, 2), part(2, 5, first_task=2)]), whole, rtol=1e-6)
     # Without it the second slice's tasks would draw the first tasks' mini-batches: other losses.
     assert np.abs(part(2, 5) - whole[2:])[:, -1].min() > 1e-4
+    # Scored after the last step alone, each task draws the same mini-batches: the last step's losses.
+    np.testing.assert_allclose(part(0, 5, every_step=False), whole[:, -1:], rtol=1e-6)
 
 
 def test_the_protocol_is_reptile_s_alone():
