@@ -121,7 +121,9 @@ def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | No
     Training stopped by a signal (:class:`~jaxmeta.training.Interrupted`)
     prints one line naming the checkpoint and the command that resumes it
     (this program as it was started, its arguments, ``--resume``) and exits
-    with ``128 + signum`` (143 for SIGTERM, 130 for SIGINT).
+    with ``128 + signum`` (143 for SIGTERM, 130 for SIGINT). A signal in the
+    final dispatch leaves nothing to resume: the line names instead the command
+    that does what is left (``Interrupted.then``), where the caller set one.
     """
     quiet_libraries()
     _one_line_warnings()
@@ -136,8 +138,11 @@ def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | No
         program = ["-m", spec.name] if spec is not None and spec.name else [sys.argv[0]]
         args = list(sys.argv[1:] if argv is None else argv)
         args += [] if "--resume" in args else ["--resume"]
-        resume = f"; resume with: {shlex.join([sys.executable, *program, *args])}" if e.checkpoint else ""
-        print(f"{e}{resume}", file=sys.stderr, flush=True)
+        if e.complete:  # nothing to resume; the caller may name what is left to do
+            then = f"; then run: {shlex.join([sys.executable, *program, *e.then])}" if e.then else ""
+        else:
+            then = f"; resume with: {shlex.join([sys.executable, *program, *args])}" if e.checkpoint else ""
+        print(f"{e}{then}", file=sys.stderr, flush=True)
         sys.exit(128 + e.signum)
     except JaxmetaError as e:
         print(f"error: {e}", file=sys.stderr)

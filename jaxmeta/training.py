@@ -16,6 +16,7 @@ checkpoint and sets it aside.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -72,14 +73,22 @@ class Interrupted(JaxmetaError):
       checkpoint: the checkpoint directory of ``step`` (``None`` without an output directory).
       seconds: wall time of the interrupted call.
       step_ms: wall milliseconds per meta-step of every dispatch of that call (as in :class:`TrainResult`).
+      complete: the signal arrived during the final dispatch: training reached its last
+        meta-step (``step``), so there is nothing to resume; what the caller meant to do
+        after training (a test evaluation) did not run.
+      result: with ``complete``, the :class:`TrainResult` that :func:`train` would have returned.
+      then: with ``complete``, the arguments of the command that does what is left (set by
+        the caller that knows it, e.g. ``["evaluate", "--run", RUN]``); the CLI prints it.
     """
 
     def __init__(self, signal_name: str, step: int, checkpoint: str | None, *, seconds: float = 0.0,
-                 step_ms: list[float] | None = None):
+                 step_ms: list[float] | None = None, complete: bool = False, result: "TrainResult | None" = None):
         self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
         self.seconds, self.step_ms = seconds, list(step_ms or [])
+        self.complete, self.result, self.then = complete, result, None
         saved = f"checkpoint {checkpoint}" if checkpoint else "nothing saved (no output directory)"
-        super().__init__(f"interrupted by {signal_name} at meta-step {step}; {saved}")
+        when = f"after the last meta-step ({step}), training complete" if complete else f"at meta-step {step}"
+        super().__init__(f"interrupted by {signal_name} {when}; {saved}")
 
     @property
     def signum(self) -> int:
@@ -87,7 +96,7 @@ class Interrupted(JaxmetaError):
         return int(signal.Signals[self.signal_name])
 
     def __reduce__(self):
-        return type(self), (self.signal_name, self.step, self.checkpoint)
+        return functools.partial(type(self), complete=self.complete), (self.signal_name, self.step, self.checkpoint)
 
 
 class TrainResult(NamedTuple):
@@ -356,8 +365,10 @@ def train(
       Interrupted: SIGTERM or SIGINT arrived (when called from the main
         thread): the current dispatch finished, was logged and checkpointed,
         and resuming continues exactly. A second SIGINT quits at once
-        (``KeyboardInterrupt``). A signal during the final dispatch is
-        delivered again once training is complete.
+        (``KeyboardInterrupt``). A signal during the final dispatch raises
+        it once training is complete and checkpointed, with ``complete`` set and
+        the :class:`TrainResult` attached, so the caller can still record the
+        call before it stops.
     """
     from tqdm.auto import tqdm
 
@@ -439,9 +450,13 @@ def train(
         bar.close()
         if mngr is not None:
             mngr.close()
+    result = TrainResult(state, history, time.perf_counter() - started, step_ms)
     if stop.signum is not None:  # it arrived during the final dispatch: training is complete, now obey it
-        signal.raise_signal(stop.signum)
-    return TrainResult(state, history, time.perf_counter() - started, step_ms)
+        step = int(state.step)
+        where = None if mngr is None else os.path.join(out_dir, ckpt.CHECKPOINT_DIR, str(step))
+        raise Interrupted(signal.Signals(stop.signum).name, step, where, seconds=result.seconds, step_ms=step_ms,
+                          complete=True, result=result)
+    return result
 
 
 def _postfix(row: dict) -> dict[str, str]:

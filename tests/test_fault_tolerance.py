@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shlex
 import shutil
@@ -23,7 +24,7 @@ import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO_ROOT, assert_one_line_error
+from conftest import REPO_ROOT, assert_one_line_error, assert_one_line_error_text, run_in_process
 
 from jaxmeta import checkpoint as ckpt
 from jaxmeta.algorithms.registry import make_learner
@@ -116,6 +117,27 @@ def test_sigint_stops_at_a_checkpoint_and_resume_is_exact(tmp_path):
     worker.start()
     worker.join()
     assert int(results[0].state.step) == 5
+
+
+def test_a_signal_in_the_final_dispatch_is_raised_with_the_finished_training(tmp_path):
+    """Training complete and checkpointed, then the signal obeyed, the result attached for the caller."""
+    straight = run(tmp_path / "straight", 5)
+    out = tmp_path / "last"
+    with pytest.raises(Interrupted) as stopped:
+        run(out, 5, validate=send_sigint())  # one dispatch (log_every 5): the signal comes in the last one
+    e = stopped.value
+    assert e.complete and (e.signal_name, e.step) == ("SIGINT", 5) and e.then is None
+    assert str(e).startswith("interrupted by SIGINT after the last meta-step (5), training complete; checkpoint ")
+    assert e.checkpoint == os.path.join(str(out), "checkpoints", "5") and ckpt.latest_step(str(out)) == 5
+    assert int(e.result.state.step) == 5 and e.result.seconds == e.seconds > 0
+    assert e.result.history == straight.history  # validated and logged as if no signal came
+    np.testing.assert_allclose(flat(e.result.state.meta.params), flat(straight.state.meta.params), rtol=0, atol=0)
+    again = pickle.loads(pickle.dumps(e))
+    assert again.complete and str(again) == str(e)
+    # Not in the last dispatch: an ordinary interruption, nothing attached.
+    with pytest.raises(Interrupted) as stopped:
+        run(tmp_path / "early", 10, validate=send_sigint())
+    assert not stopped.value.complete and stopped.value.result is None and stopped.value.step == 5
 
 
 def test_interrupted_is_one_line_with_the_resume_command_and_exit_code(capsys):
@@ -219,6 +241,50 @@ def test_sigterm_and_kill_minus_nine_then_resume_are_exact(tmp_path, env):
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_run(straight, killed)
+
+
+def test_sigterm_in_the_last_dispatch_keeps_the_training_record_and_names_evaluate(tmp_path, env, capsys,
+                                                                                    monkeypatch):
+    """The run's last dispatch gets SIGTERM: train.json is written (wall time for the result record), the
+    line names the evaluate command, which then scores the run and records its training time."""
+    from experiments import omniglot
+    from experiments.fewshot import pipeline as fewshot
+
+    real_train = fewshot.train
+
+    def train_then_sigterm(*args, validate, **kw):
+        def validate_and_stop(params):
+            os.kill(os.getpid(), signal.SIGTERM)
+            return validate(params)
+
+        return real_train(*args, validate=validate_and_stop, **kw)
+
+    monkeypatch.setattr(fewshot, "train", train_then_sigterm)
+    run_dir = tmp_path / "run"
+    code, stderr, _ = run_in_process(omniglot.main, [
+        "train", "--ways", "5", "--shots", "1", "--preset", "quick", "--no-progress", "--meta-steps", "10",
+        "--log-every", "10", "--val-every", "10", "--val-tasks", "20", "--test-tasks", "20", "--out", str(run_dir)],
+        capsys, env=env, monkeypatch=monkeypatch)
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert code == 143 and len(lines) == 1, stderr[-3000:]
+    head, command = lines[0].split("; then run: ")
+    assert head == (f"interrupted by SIGTERM after the last meta-step (10), training complete; "
+                    f"checkpoint {run_dir / 'checkpoints' / '10'}")
+    assert shlex.split(command)[-3:] == ["evaluate", "--run", str(run_dir)]
+    training = json.loads((run_dir / "train.json").read_text())
+    assert training["meta_steps"] == 10 and training["train_seconds_total"] > 0 and training["machine"]
+    assert (run_dir / "curve.png").exists() and not (run_dir / "eval.json").exists()
+    monkeypatch.setattr(fewshot, "train", real_train)
+
+    code, stderr, _ = run_in_process(omniglot.main, ["train", "--resume", "--out", str(run_dir)], capsys,
+                                     env=env, monkeypatch=monkeypatch)
+    assert_one_line_error_text(code, stderr, "already ran 10 meta-steps", f"evaluate --run {run_dir}")
+    code, stderr, out = run_in_process(omniglot.main, ["evaluate", "--run", str(run_dir), "--no-progress"], capsys,
+                                       env=env, monkeypatch=monkeypatch)
+    assert code == 0, stderr[-3000:]
+    [record] = [json.loads(p.read_text()) for p in run_dir.glob("omniglot-*.json")]
+    assert record["meta_steps"] == 10 and record["tasks"] == 20
+    assert record["wall_s"] == pytest.approx(training["train_seconds_total"]) and record["machine"]
 
 
 # --------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ def build_parser(dataset: str, presets: Sequence[str], data_env: str) -> Argumen
     e = commands.add_parser("evaluate", help="evaluate a run on the fixed test tasks (after an interruption, "
                                              "the same command goes on from the tasks already scored)")
     e.add_argument("--run", required=True)
-    e.add_argument("--tasks", type=positive_int, default=600)
+    e.add_argument("--tasks", type=positive_int, help="fixed test tasks (default: the run's --test-tasks, 600)")
     e.add_argument("--inner-steps", type=nonnegative_int)
     e.add_argument("--eval-queries", type=positive_int, help="query examples per class (default: as in training)")
     e.add_argument("--eval-mode", choices=fewshot.EVAL_MODES,

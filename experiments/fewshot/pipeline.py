@@ -679,7 +679,8 @@ def train_and_evaluate(config: FewShotConfig, run_dir: str, *, resume: bool = Fa
             raise CheckpointError(f"checkpoint in {run_dir} is from a different configuration ({', '.join(differ)})")
         good = ckpt.latest_good_step(run_dir)  # a damaged newest step falls back to the one before
         if good is not None and good >= config.meta_steps:
-            raise ConfigError(f"{run_dir} already ran {good} meta-steps; ask for more with --meta-steps")
+            raise ConfigError(f"{run_dir} already ran {good} meta-steps: ask for more with --meta-steps, "
+                              f"or score it with evaluate --run {run_dir}")
     elif existing is not None:
         raise CheckpointError(
             f"{run_dir} already holds a run (checkpoint at step {existing}): pass --resume or choose another --out"
@@ -725,13 +726,14 @@ def train_and_evaluate(config: FewShotConfig, run_dir: str, *, resume: bool = Fa
             desc=f"{config.dataset} {config.ways}-way {config.shots}-shot {config.algo}",
         )
     except Interrupted as stopped:  # the checkpoint is written; so is the call's time, for the result record
-        write_training(run_dir, resume=resume, meta_steps=stopped.step, seconds=stopped.seconds,
-                       step_ms=stopped.step_ms)
+        if stopped.complete:  # in the final dispatch: training is done, only the test evaluation is left
+            finish_training(config, run_dir, stopped.result, resume=resume)
+            stopped.then = ["evaluate", "--run", run_dir]
+        else:
+            write_training(run_dir, resume=resume, meta_steps=stopped.step, seconds=stopped.seconds,
+                           step_ms=stopped.step_ms)
         raise
-    plot_curve(read_jsonl(os.path.join(run_dir, METRICS_FILE)), os.path.join(run_dir, "curve.png"),
-               title=f"{config.dataset} {config.ways}-way {config.shots}-shot {config.algo}")
-    write_training(run_dir, resume=resume, meta_steps=int(result.state.step), seconds=result.seconds,
-                   step_ms=result.step_ms, skipped_steps=int(result.state.skipped))
+    finish_training(config, run_dir, result, resume=resume)
     test_tasks = fixed_tasks(config, test_images, num_tasks=config.test_tasks, seed=TEST_SEED)
     name, step = eval_file(config.eval_mode), int(result.state.step)
     evaluation = score(config, loss_fn, result.state.meta.params, test_tasks, config.test_inner_steps,
@@ -739,6 +741,14 @@ def train_and_evaluate(config: FewShotConfig, run_dir: str, *, resume: bool = Fa
     evaluation.update(meta_steps=step, device=str(jax.devices()[0]), algo=config.algo,
                       ways=config.ways, shots=config.shots, dataset=config.dataset, split=config.split)
     return write_evaluation(run_dir, name, evaluation)
+
+
+def finish_training(config: FewShotConfig, run_dir: str, result, *, resume: bool) -> None:
+    """After the last meta-step: ``RUN/curve.png`` and ``RUN/train.json`` (:func:`write_training`)."""
+    plot_curve(read_jsonl(os.path.join(run_dir, METRICS_FILE)), os.path.join(run_dir, "curve.png"),
+               title=f"{config.dataset} {config.ways}-way {config.shots}-shot {config.algo}")
+    write_training(run_dir, resume=resume, meta_steps=int(result.state.step), seconds=result.seconds,
+                   step_ms=result.step_ms, skipped_steps=int(result.state.skipped))
 
 
 def write_evaluation(run_dir: str, name: str, evaluation: dict) -> dict:
