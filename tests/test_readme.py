@@ -86,6 +86,7 @@ def test_every_number_on_the_front_page_links_to_where_it_was_measured():
     unlinked = re.sub(r"\[[^\]]*\]\((?:docs/|CHANGELOG|LICENSE)[^)]*\)", "", prose)
     measured = re.compile(r"\d+(?:\.\d+)?\s*(?:%|×|ms|MB|GB|s\b|minutes)|\d+\.\d+")
     allowed = {"98.7 ± 0.4", "98.90 ± 0.10", "98.8", "99.07", "2.2–2.4",  # the papers' figures, cited
+               "98.3 ± 0.5", "95.93 ± 0.38", "99.47 ± 0.05", "99.50 ± 0.26",
                "0.67 / 0.38 / 0.35"}
     for figure in allowed:
         unlinked = unlinked.replace(figure, "")
