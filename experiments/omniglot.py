@@ -72,7 +72,7 @@ def preset(name: str, ways: int, shots: int, algo: str = "maml") -> dict:
     setting         MAML                first-order MAML    pre-training
     ==============  ==================  ==================  ==================
     5-way 1-shot    41 min (docs)       26 min (257 ms)     27 min (267 ms)
-    5-way 5-shot    42 min (416 ms)     15 min (152 ms)     14 min (142 ms)
+    5-way 5-shot    31 min (313 ms)     15 min (152 ms)     14 min (142 ms)
     20-way 1-shot   16 min (324 ms)     7 min (130 ms)      5 min (102 ms)
     20-way 5-shot   76 min (1530 ms)    22 min (440 ms)     14 min (289 ms)
     ==============  ==================  ==================  ==================
