@@ -366,7 +366,7 @@ def train(
         thread): the current dispatch finished, was logged and checkpointed,
         and resuming continues exactly. A second SIGINT quits at once
         (``KeyboardInterrupt``). A signal during the final dispatch raises
-        it once training is complete and checkpointed, with ``complete`` set and
+        this once training is complete and checkpointed, with ``complete`` set and
         the :class:`TrainResult` attached, so the caller can still record the
         call before it stops.
     """
