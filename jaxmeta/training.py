@@ -415,6 +415,11 @@ def train(
         return step
 
     stop = _StopRequests()
+
+    def interrupted(step, seconds, **finished):
+        where = None if mngr is None else os.path.join(out_dir, ckpt.CHECKPOINT_DIR, str(step))
+        return Interrupted(signal.Signals(stop.signum).name, step, where, seconds=seconds, step_ms=step_ms, **finished)
+
     try:
         with stop:
             while int(state.step) < meta_steps:
@@ -443,19 +448,14 @@ def train(
                 if stop.signum is not None and not final:
                     if mngr is not None and last_ckpt != step:
                         last_ckpt = save(step)
-                    where = None if mngr is None else os.path.join(out_dir, ckpt.CHECKPOINT_DIR, str(step))
-                    raise Interrupted(signal.Signals(stop.signum).name, step, where,
-                                      seconds=time.perf_counter() - started, step_ms=step_ms)
+                    raise interrupted(step, time.perf_counter() - started)
     finally:
         bar.close()
         if mngr is not None:
             mngr.close()
     result = TrainResult(state, history, time.perf_counter() - started, step_ms)
     if stop.signum is not None:  # it arrived during the final dispatch: training is complete, now obey it
-        step = int(state.step)
-        where = None if mngr is None else os.path.join(out_dir, ckpt.CHECKPOINT_DIR, str(step))
-        raise Interrupted(signal.Signals(stop.signum).name, step, where, seconds=result.seconds, step_ms=step_ms,
-                          complete=True, result=result)
+        raise interrupted(int(state.step), result.seconds, complete=True, result=result)
     return result
 
 
